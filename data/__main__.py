@@ -1,0 +1,36 @@
+"""``python -m data info [--json]``: what datasets were found and what they hold."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .info import all_info
+from .paths import WHERE_TO_GET, datasets_root
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m data", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="summarise the datasets found")
+    p.add_argument("--json", action="store_true", help="print JSON keyed by dataset name")
+    args = ap.parse_args(argv)
+    info = all_info(progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0 if info else 1
+    if not info:
+        print(WHERE_TO_GET, file=sys.stderr)
+        return 1
+    print(f"datasets folder: {datasets_root()}")
+    for name, d in info.items():
+        print(f"\n{name}  ({d['format']}: {d['path']})")
+        print(f"  images {d['images']:,}   classes {d['classes']}   taxonomy depth {d['taxonomy_depth']} (v{d['taxonomy_version']})")
+        print("  classes per level: " + ", ".join(f"{k} {v}" for k, v in d["levels"].items()))
+        print("  splits: " + ", ".join(f"{k} {v:,}" for k, v in d["splits"].items()))
+        print(f"  images per class: {d['images_per_class']['min']}–{d['images_per_class']['max']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

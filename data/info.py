@@ -1,0 +1,35 @@
+"""Dataset summaries (plain functions shared by the CLI and the dashboard)."""
+from __future__ import annotations
+
+import pandas as pd
+
+from .manifest import build_manifest
+from .sources import Source, available_sources
+from .taxonomy import LEVELS
+
+
+def dataset_info(src: Source, progress: bool = False) -> dict:
+    """Image and class counts, per-level counts, split sizes and taxonomy depth of one dataset."""
+    df = build_manifest(src, progress=progress)
+    tax = src.taxonomy()
+    return {
+        "path": str(src.root),
+        "format": "zip" if src.is_zip else "folder",
+        "images": int(len(df)),
+        "classes": int(df["class"].nunique()),
+        "levels": {lvl: int(df[lvl].nunique()) for lvl in LEVELS},
+        "splits": {k: int(v) for k, v in df["split"].value_counts().sort_index().items()},
+        "taxonomy_depth": len(tax.levels),
+        "taxonomy_version": tax.version,
+        "images_per_class": {"min": int(df["class"].value_counts().min()), "max": int(df["class"].value_counts().max())},
+    }
+
+
+def all_info(progress: bool = False) -> dict:
+    return {name: dataset_info(src, progress) for name, src in available_sources().items()}
+
+
+def sunburst_frame(src: Source) -> pd.DataFrame:
+    """Image counts per taxonomy path, for a sunburst chart."""
+    df = build_manifest(src, progress=False)
+    return df.groupby(list(LEVELS), as_index=False).size().rename(columns={"size": "images"})

@@ -1,0 +1,87 @@
+"""The dataset index: one parquet manifest per dataset, built once (with a progress bar) and reused.
+
+Columns: relpath, dataset, class, living, group, subgroup, split, width, height, bytes.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from .decode import ImageDecodeError, load_for_model
+from .paths import cache_dir
+from .sources import Source
+from .splits import DEFAULT_SEED, stratified_split
+from .taxonomy import LEVELS
+
+MANIFEST_VERSION = 1
+
+
+def _manifest_path(src: Source, seed: int) -> Path:
+    tax = src.taxonomy().version
+    return cache_dir() / "manifests" / f"{src.name}-{src.fingerprint()}-t{tax}-s{seed}-v{MANIFEST_VERSION}.parquet"
+
+
+def build_manifest(src: Source, seed: int = DEFAULT_SEED, progress: bool = True, rebuild: bool = False) -> pd.DataFrame:
+    """The manifest of ``src``: cached on disk, rebuilt when the archive changes."""
+    path = _manifest_path(src, seed)
+    if path.exists() and not rebuild:
+        return pd.read_parquet(path)
+    tax = src.taxonomy()
+    files = src.files()
+    rows = []
+    for relpath, cls in tqdm(files, desc=f"indexing {src.name}", disable=not progress, unit="img"):
+        data = src.read_bytes(relpath)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                w, h = Image.open(io.BytesIO(data)).size
+        except Exception:  # noqa: BLE001 - an unreadable file stays in the index with size 0
+            w, h = 0, 0
+        rows.append((relpath, cls, w, h, len(data)))
+    df = pd.DataFrame(rows, columns=["relpath", "class", "width", "height", "bytes"])
+    df.insert(1, "dataset", src.name)
+    unknown = sorted(set(df["class"]) - set(tax.classes))
+    if unknown:
+        raise ValueError(f"classes missing from taxonomy {tax.name!r}: {unknown}")
+    paths = tax.table.set_index("class")
+    for lvl in LEVELS[:-1]:
+        df[lvl] = df["class"].map(paths[lvl])
+    df["split"] = stratified_split(df, seed)
+    df = df[["relpath", "dataset", "class", *LEVELS[:-1], "split", "width", "height", "bytes"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    df.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return df
+
+
+def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool = True) -> np.ndarray:
+    """All manifest images as one uint8 array (N, size, size), foreground polarity (0 = background).
+
+    Cached on disk as .npy (memory-mapped on reuse), so training and batch inference decode
+    each image once. Unreadable images become blank frames (and are reported).
+    """
+    key = f"{src.name}-{src.fingerprint()}-n{len(manifest)}-{pd.util.hash_pandas_object(manifest['relpath']).sum() & 0xFFFFFFFF:x}-{size}"
+    path = cache_dir() / "arrays" / f"{key}.npy"
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    out = np.zeros((len(manifest), size, size), dtype=np.uint8)
+    bad = 0
+    for i, rel in enumerate(tqdm(manifest["relpath"], desc=f"decoding {src.name} @{size}px", disable=not progress, unit="img")):
+        try:
+            out[i], _, _ = load_for_model(src.read_bytes(rel), size, mode=src.mode, background=src.background)
+        except ImageDecodeError:
+            bad += 1
+    if bad:
+        warnings.warn(f"{bad} unreadable images in {src.name} were left blank")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, out)
+    tmp.replace(path)
+    return out

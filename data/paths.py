@@ -1,0 +1,52 @@
+"""Where datasets and caches live.
+
+Datasets are looked for in ``$PLANKTON_DATASETS`` (a folder holding ``ndsb/ndsb_train.zip`` and
+``zoolake/zoolake_v1.zip``, or their extracted folders); when it is unset, in ``../shared/datasets``
+next to the repository if that folder exists. Derived artefacts (manifests, decoded arrays,
+embeddings, UMAP maps, FAISS indexes) go to ``$PLANKTON_LENS_CACHE`` (default
+``~/.cache/plankton-lens``). User data (review decisions) go to ``$PLANKTON_LENS_DATA``
+(default ``~/.local/share/plankton-lens``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+WHERE_TO_GET = """No plankton dataset was found.
+Plankton Lens looks in $PLANKTON_DATASETS, else in ../shared/datasets beside the repository.
+That folder should hold:
+  ndsb/ndsb_train.zip      NDSB 2015 / PlanktonSet 1.0 training set (train/<class>/<id>.jpg).
+                           Get it from NOAA NCEI, accession 0127422 ("PlanktonSet 1.0",
+                           Cowen et al. 2015), or the 2015 National Data Science Bowl train.zip.
+  zoolake/zoolake_v1.zip   ZooLake v1 (images/<class>/<file>.jpeg), Eawag open data,
+                           Kyathanahally et al. 2021, Front. Microbiol. 12:746297.
+Extracted folders (ndsb/train/, zoolake/images/) work too. Then:
+  export PLANKTON_DATASETS=/path/to/that/folder"""
+
+
+def datasets_root() -> Path | None:
+    """The folder holding the datasets, or None when none is configured or present."""
+    env = os.environ.get("PLANKTON_DATASETS")
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_absolute():
+            p = (Path.cwd() / p).resolve()
+        return p if p.is_dir() else None
+    default = REPO_ROOT.parent / "shared" / "datasets"
+    return default if default.is_dir() else None
+
+
+def cache_dir() -> Path:
+    """Folder for derived, rebuildable artefacts."""
+    p = Path(os.environ.get("PLANKTON_LENS_CACHE", Path.home() / ".cache" / "plankton-lens"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def user_data_dir() -> Path:
+    """Folder for a user's own work (review decisions); never deleted by the app."""
+    p = Path(os.environ.get("PLANKTON_LENS_DATA", Path.home() / ".local" / "share" / "plankton-lens"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p

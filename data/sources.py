@@ -1,0 +1,219 @@
+"""Readers for plankton datasets as published: NDSB, ZooLake, ImageFolder, EcoTaxa export.
+
+A :class:`Source` lists ``(relpath, class)`` pairs and reads the bytes of one file, from a zip
+archive (read in place, never extracted into the repository) or from a folder.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .paths import datasets_root
+from .taxonomy import Taxonomy, load_taxonomy, taxonomy_from_paths
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset path that does not exist or does not have the expected layout."""
+
+
+@dataclass
+class Source:
+    """One dataset: where it is, how to list and read it, its colour handling and taxonomy."""
+
+    name: str
+    root: Path  # a .zip file or a folder
+    prefix: str  # folder inside root that holds <class>/ folders ("train", "images", "")
+    mode: str = "L"  # decode mode: NDSB stores 3 identical channels → "L"
+    background: int = 255  # 255 shadowgraph (white), 0 dark-field (black)
+    taxonomy_name: str | None = None
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+    _files: list[tuple[str, str]] | None = field(default=None, repr=False)
+    _taxonomy: Taxonomy | None = field(default=None, repr=False)
+
+    @property
+    def is_zip(self) -> bool:
+        return self.root.is_file() and zipfile.is_zipfile(self.root)
+
+    def fingerprint(self) -> str:
+        """Changes when the archive or folder changes (size, mtime, path)."""
+        st = self.root.stat()
+        key = f"{self.name}|{self.root.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.prefix}"
+        if not self.is_zip:
+            key += f"|{sum(1 for _ in self._walk())}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def _zip(self) -> zipfile.ZipFile:
+        # One handle per thread and process: ZipFile objects are not safe to share.
+        z = getattr(self._local, "zip", None)
+        if z is None or getattr(self._local, "pid", None) != os.getpid():
+            z = zipfile.ZipFile(self.root)
+            self._local.zip, self._local.pid = z, os.getpid()
+        return z
+
+    def _walk(self):
+        base = self.root / self.prefix if self.prefix else self.root
+        for dirpath, _, files in os.walk(base):
+            for f in files:
+                if f.lower().endswith(IMAGE_EXTS):
+                    yield Path(dirpath, f).relative_to(self.root).as_posix()
+
+    def files(self) -> list[tuple[str, str]]:
+        """Sorted ``(relpath, class)`` pairs; relpath is relative to the archive / folder root."""
+        if self._files is None:
+            if self.is_zip:
+                names = [n for n in self._zip().namelist() if n.lower().endswith(IMAGE_EXTS)]
+            else:
+                names = list(self._walk())
+            pre = f"{self.prefix}/" if self.prefix else ""
+            out = []
+            for n in names:
+                if pre and not n.startswith(pre):
+                    continue
+                parts = n[len(pre):].split("/")
+                if len(parts) == 2:
+                    out.append((n, parts[0]))
+            if not out:
+                raise DatasetNotFound(f"{self.root} holds no images in {pre or './'}<class>/<file> layout")
+            self._files = sorted(out)
+        return self._files
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """Raw bytes of one image."""
+        if self.is_zip:
+            try:
+                return self._zip().read(relpath)
+            except KeyError:
+                raise FileNotFoundError(f"{relpath} is not in {self.root}") from None
+        p = (self.root / relpath).resolve()
+        if self.root.resolve() not in p.parents:
+            raise FileNotFoundError(f"{relpath} is outside {self.root}")
+        return p.read_bytes()
+
+    def taxonomy(self) -> Taxonomy:
+        if self._taxonomy is None:
+            self._taxonomy = self._build_taxonomy()
+        return self._taxonomy
+
+    def _build_taxonomy(self) -> Taxonomy:
+        if self.taxonomy_name:
+            return load_taxonomy(self.taxonomy_name)
+        # ImageFolder: reuse a known taxonomy row when the class name is known, else "unknown".
+        known = {}
+        for tname in ("ndsb", "zoolake"):
+            t = load_taxonomy(tname)
+            for row in t.table.itertuples(index=False):
+                known.setdefault(row[3], (row[0], row[1], row[2]))
+        classes = sorted({c for _, c in self.files()})
+        return taxonomy_from_paths(self.name, {c: known.get(c, ("unknown", "unknown", "unknown")) for c in classes})
+
+
+@dataclass
+class EcoTaxaSource(Source):
+    """An EcoTaxa export: a TSV (img_file_name, object_annotation_category,
+    object_annotation_hierarchy) with the image files beside it."""
+
+    tsv: Path | None = None
+    _rows: list[dict] | None = field(default=None, repr=False)
+
+    def rows(self) -> list[dict]:
+        if self._rows is None:
+            with open(self.tsv, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter="\t")
+                need = {"img_file_name", "object_annotation_category"}
+                if not need <= set(reader.fieldnames or []):
+                    raise DatasetNotFound(f"{self.tsv} is not an EcoTaxa export: it lacks columns {sorted(need)}")
+                rows = [r for r in reader if r["img_file_name"] and not r["img_file_name"].startswith("[")]
+            if not rows:
+                raise DatasetNotFound(f"{self.tsv} lists no images")
+            self._rows = rows
+        return self._rows
+
+    def files(self) -> list[tuple[str, str]]:
+        if self._files is None:
+            self._files = sorted((r["img_file_name"], r["object_annotation_category"]) for r in self.rows())
+        return self._files
+
+    def fingerprint(self) -> str:
+        st = self.tsv.stat()
+        return hashlib.sha256(f"ecotaxa|{self.tsv.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+    def _build_taxonomy(self) -> Taxonomy:
+        """living ← hierarchy root (living / not-living); group, subgroup ← ancestors of the category."""
+        paths = {}
+        for r in self.rows():
+            cat = r["object_annotation_category"]
+            hier = [h for h in (r.get("object_annotation_hierarchy") or "").split(">") if h]
+            if hier and hier[-1] == cat:
+                hier = hier[:-1]
+            root = hier[0].lower() if hier else "unknown"
+            living = "living" if root == "living" else ("non-living" if root in ("not-living", "non-living") else "unknown")
+            group = hier[min(len(hier) - 1, 2)] if len(hier) > 1 else living + " (other)"
+            sub = hier[-1] if len(hier) > 2 else group + " (other)"
+            paths.setdefault(cat, (living, group, sub))
+        return taxonomy_from_paths(self.name, paths)
+
+
+def _locate(base: Path, archive: str, folder: str) -> tuple[Path, str] | None:
+    """Find a dataset as its zip or as an extracted folder under ``base``."""
+    z = base / archive
+    if z.is_file():
+        return z, folder
+    if (base / folder).is_dir():
+        return base, folder
+    stem = base / Path(archive).stem
+    if (stem / folder).is_dir():
+        return stem, folder
+    return None
+
+
+KNOWN = {
+    # name: (subfolder, archive, inner folder, decode mode, background)
+    "ndsb": ("ndsb", "ndsb_train.zip", "train", "L", 255),
+    "zoolake": ("zoolake", "zoolake_v1.zip", "images", "RGB", 0),
+}
+
+
+def open_source(name: str, root: str | Path | None = None) -> Source:
+    """Open a dataset by name ("ndsb", "zoolake") from ``root`` (default: :func:`datasets_root`).
+
+    For "imagefolder" pass the folder as ``root``; for "ecotaxa" pass the TSV file.
+    """
+    if name == "imagefolder" or (root is not None and name not in KNOWN and Path(root).is_dir()):
+        p = Path(root) if root else None
+        if p is None or not p.is_dir():
+            raise DatasetNotFound(f"ImageFolder path {root} is not a folder")
+        return Source(name if name != "imagefolder" else p.name, p, "", "L", 255)
+    if name == "ecotaxa" or (root is not None and str(root).endswith((".tsv", ".txt"))):
+        p = Path(root) if root else None
+        if p is None or not p.is_file():
+            raise DatasetNotFound(f"EcoTaxa export {root} is not a file")
+        return EcoTaxaSource(name if name != "ecotaxa" else p.stem, p.parent, "", "L", 255, tsv=p)
+    if name not in KNOWN:
+        raise DatasetNotFound(f"unknown dataset {name!r}; known: {sorted(KNOWN)}, imagefolder, ecotaxa")
+    sub, archive, folder, mode, bg = KNOWN[name]
+    base = Path(root) if root else datasets_root()
+    if base is None:
+        raise DatasetNotFound(f"dataset {name!r} not found: no datasets folder is set")
+    for cand in (base / sub, base):
+        hit = _locate(cand, archive, folder)
+        if hit:
+            return Source(name, hit[0], hit[1], mode, bg, taxonomy_name=name)
+    raise DatasetNotFound(f"dataset {name!r} not found under {base} (looked for {sub}/{archive} or {sub}/{folder}/)")
+
+
+def available_sources(root: str | Path | None = None) -> dict[str, Source]:
+    """The known datasets present under ``root`` (default: :func:`datasets_root`)."""
+    out = {}
+    for name in KNOWN:
+        try:
+            out[name] = open_source(name, root)
+        except DatasetNotFound:
+            pass
+    return out

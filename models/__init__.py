@@ -1,0 +1,1 @@
+"""Plankton Lens models: hierarchical classifiers behind one interface, checkpoints, zoo."""
