@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="class-weighted resampling: sqrt weighs classes by 1/sqrt(n), balanced by 1/n")
     ap.add_argument("--loss", choices=["ce", "focal"], default="ce")
     ap.add_argument("--focal-gamma", type=float, default=2.0)
+    ap.add_argument("--outlier-exposure", choices=["none", "adversarial", "chimera", "corruption", "mixed"], default="none",
+                    help="add a flat-logit loss on known outliers made from each batch (models/outlier_exposure.py)")
+    ap.add_argument("--oe-weight", type=float, default=0.5, help="weight of the outlier-exposure term")
     ap.add_argument("--limit-per-class", type=int, default=None, help="tiny subsets for tests")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (tests)")
     ap.add_argument("--runs-dir", default=str(REPO / "runs"))
@@ -192,6 +195,11 @@ def train(argv: list[str] | None = None) -> dict:
         print(f"resuming {name} from epoch {start_epoch}", file=sys.stderr)
 
     labels_t = {k: torch.from_numpy(v) for k, v in train_set.labels.items()}
+    oe_term = None
+    if args.outlier_exposure != "none":
+        from .outlier_exposure import make_oe_term
+
+        oe_term = make_oe_term(args.outlier_exposure)
     probs = class_weights(train_set.labels["class"], args.sampler)
     step = start_epoch * steps_per_epoch
     t0 = time.time()
@@ -212,6 +220,9 @@ def train(argv: list[str] | None = None) -> dict:
             w = loss_weights(args.arch, model.levels, step / total)
             loss = sum(wi * level_loss(out[lvl], labels_t[lvl][idx].to(args.device), args.loss, args.focal_gamma)
                        for wi, lvl in zip(w, model.levels))
+            if oe_term is not None:
+                ys = {lvl: labels_t[lvl][idx].to(args.device) for lvl in model.levels}
+                loss = loss + args.oe_weight * oe_term(model, x, ys, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,37 @@
+"""Plankton Lens — interactive explainability dashboard for plankton image classifiers.
+
+    streamlit run app.py
+
+The entry point: page config, the shared sidebar (model picker), and navigation between the
+pages in ``pages/``. Each page is one task a user has.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import streamlit as st  # noqa: E402
+
+from pages.common import model_picker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+# (file, title, icon); pages whose file is absent are skipped.
+PAGES = [
+    ("pages/home.py", "Home", ":material/home:"),
+    ("pages/classify.py", "Classify & explain", ":material/biotech:"),
+    ("pages/anomalies.py", "Anomalies", ":material/troubleshoot:"),
+    ("pages/neighbourhoods.py", "Neighbourhoods", ":material/scatter_plot:"),
+    ("pages/review.py", "Review", ":material/fact_check:"),
+    ("pages/clip.py", "CLIP explanations", ":material/translate:"),
+]
+
+st.set_page_config(page_title="Plankton Lens", page_icon=":material/water:", layout="wide")
+pages = [st.Page(f, title=t, icon=i, default=(f == "pages/home.py")) for f, t, i in PAGES if (ROOT / f).exists()]
+nav = st.navigation(pages)
+with st.sidebar:
+    st.markdown("### Plankton Lens")
+    model_picker()
+nav.run()

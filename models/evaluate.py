@@ -1,0 +1,89 @@
+"""Evaluate a zoo model on a split of its dataset.
+
+    python -m models.evaluate --model ndsb-bacnn --split test --json [--tta] [--write-results]
+
+Per level accuracy, macro F1 / precision / recall; leaf top-5 and log loss; parent/child
+consistency of the argmax path; mistake severity. ``--write-results`` also regenerates the
+classifier table of docs/results.md from every NDSB zoo model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .checkpoint import CheckpointError
+from .data import load_dataset, subset
+from .metrics import evaluate_predictions
+from .report import write_results_section
+from .train import predict_arrays
+from .zoo import list_models, load_model
+
+SEED_TABLE = """| model (seed talk, ZooScan) | level 1 (acc F1 P R) | level 2 | level 3 |
+|---|---|---|---|
+| flat baseline | – | – | 88.5 89.6 91.2 88.5 |
+| B-CNN | 97.1 97.1 97.1 97.1 | 95.8 95.8 95.1 94.7 | 92.3 92.3 92.6 90.6 |
+| BA-CNN | 98.7 98.7 98.7 98.7 | 95.9 95.8 95.5 94.9 | 92.2 92.1 92.3 89.5 |
+| SBA-CNN | 97.2 97.2 97.2 97.2 | 90.2 90.8 89.1 90.2 | 83.7 88.4 89.7 83.7 |"""
+
+
+def evaluate(name: str, split: str = "test", tta: bool = False, progress: bool = False) -> dict:
+    """The metrics report of zoo model ``name`` on ``split`` of its dataset (held-out classes excluded)."""
+    model, manifest = load_model(name)
+    size = int(model.preprocessing["size"])
+    _, df, images, tax, _ = load_dataset(manifest.get("dataset", "ndsb"), size, manifest.get("holdout"))
+    if tax.classes != model.class_names["class"]:
+        raise CheckpointError(f"model {name!r} was trained on other classes than the dataset's current taxonomy")
+    data = subset(df, images, model.taxonomy, split)
+    probs = predict_arrays(model, data.images, progress=progress, tta=tta)
+    rep = evaluate_predictions(probs, data.labels, model.taxonomy)
+    return {"model": name, "split": split, "tta": tta, **rep}
+
+
+def _fmt(m: dict) -> str:
+    return " ".join(f"{100 * m[k]:.1f}" for k in ("accuracy", "f1", "precision", "recall"))
+
+
+def results_table(reports: list[dict]) -> str:
+    levels = reports[0]["levels"].keys()
+    head = "| model | " + " | ".join(f"{lvl} (acc F1 P R)" for lvl in levels) + " | leaf top-5 | log loss | consistency | mistake severity |"
+    rows = [head, "|" + "---|" * (len(levels) + 5)]
+    for r in reports:
+        rows.append(f"| {r['model']}{' +TTA' if r['tta'] else ''} | " + " | ".join(_fmt(r["levels"][lvl]) for lvl in levels)
+                    + f" | {100 * r['leaf']['top5']:.1f} | {r['leaf']['log_loss']:.3f} | {100 * r['consistency']:.1f} | {r['mistake_severity']:.2f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="zoo model name (default: every NDSB classifier without held-out classes)")
+    ap.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ap.add_argument("--tta", action="store_true", help="average the 8 rotations/flips")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--write-results", action="store_true", help="write the table into docs/results.md")
+    args = ap.parse_args(argv)
+    names = [args.model] if args.model else [m["name"] for m in list_models()
+                                             if m.get("kind") == "classifier" and m.get("dataset") == "ndsb" and not m.get("heldout")]
+    try:
+        reports = [evaluate(n, args.split, args.tta, progress=not args.json) for n in names]
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(reports[0] if args.model else reports, indent=2))
+    else:
+        print(results_table(reports))
+    if args.write_results and reports:
+        cmd = f"python -m models.evaluate --split {args.split}{' --tta' if args.tta else ''} --write-results"
+        text = (f"## Hierarchical classifiers on NDSB ({args.split} split, {reports[0]['n_images']:,} images)\n\n"
+                f"Reproduce: `{cmd}` (each model: `python -m models.zoo` prints its training command).\n"
+                f"Percentages; levels from the root. Log loss is the NDSB 2015 competition metric on the 121 leaf classes.\n\n"
+                + results_table(reports) + "\n\nThe seed talk's table, for reference (ZooScan images, not NDSB):\n\n" + SEED_TABLE)
+        write_results_section(f"classifiers-{args.split}{'-tta' if args.tta else ''}", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

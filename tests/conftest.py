@@ -1,0 +1,136 @@
+"""Shared fixtures: dataset location, isolated caches, a live Streamlit server and a browser."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+os.environ.setdefault("PLANKTON_DATASETS", str(REPO.parent / "shared" / "datasets"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PLANKTON_LENS_DATA", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"plankton-lens-test-data-{os.getpid()}"))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def _have_datasets() -> bool:
+    from data.sources import available_sources
+
+    return "ndsb" in available_sources()
+
+
+requires_data = pytest.mark.skipif(not _have_datasets(), reason="NDSB dataset not found (set PLANKTON_DATASETS)")
+
+
+@pytest.fixture(scope="session")
+def ndsb():
+    """The NDSB source, read from the published archive."""
+    from data.sources import open_source
+
+    if not _have_datasets():
+        pytest.skip("NDSB dataset not found")
+    return open_source("ndsb")
+
+
+@pytest.fixture(scope="session")
+def ndsb_manifest(ndsb):
+    from data.manifest import build_manifest
+
+    return build_manifest(ndsb, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ndsb_bytes(ndsb, ndsb_manifest):
+    """Raw bytes of a few real NDSB images of different classes."""
+    rows = ndsb_manifest.groupby("class").head(1).head(8)
+    return [ndsb.read_bytes(r) for r in rows["relpath"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def streamlit_server():
+    """``streamlit run app.py`` on a free loopback port; yields its base URL."""
+    port = _free_port()
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    log = open(ARTIFACTS.mkdir(parents=True, exist_ok=True) or ARTIFACTS / "streamlit-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless=true",
+         f"--server.port={port}", "--server.address=127.0.0.1", "--server.fileWatcherType=none"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    import urllib.request
+
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+            break
+        except Exception:  # noqa: BLE001
+            if proc.poll() is not None:
+                raise RuntimeError("streamlit exited early; see tests/artifacts/streamlit-server.log")
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("streamlit did not start within 60 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by Playwright (no browser download)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page that records console errors in ``page.console_errors``."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.console_errors = []
+    pg.on("console", lambda m: pg.console_errors.append(m.text) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
+    yield pg
+    ctx.close()
+
+
+def wait_for_app(pg, timeout_ms: int = 60_000) -> None:
+    """Wait until Streamlit has finished running the script (no 'running' status widget)."""
+    pg.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
+    pg.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_ms)
+    pg.wait_for_timeout(500)
+
+
+def assert_no_streamlit_errors(pg) -> None:
+    exc = pg.locator("[data-testid='stException']")
+    assert exc.count() == 0, f"Streamlit exception on page: {exc.first.inner_text()[:2000]}"
+    errors = [e for e in pg.console_errors if "favicon" not in e.lower()]
+    assert not errors, f"browser console errors: {errors}"
