@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--outlier-exposure", choices=["none", "adversarial", "chimera", "corruption", "mixed"], default="none",
                     help="add a flat-logit loss on known outliers made from each batch (models/outlier_exposure.py)")
     ap.add_argument("--oe-weight", type=float, default=0.5, help="weight of the outlier-exposure term")
+    ap.add_argument("--init-from", default=None,
+                    help="fine-tune: start from this zoo model's weights (same architecture and classes)")
     ap.add_argument("--limit-per-class", type=int, default=None, help="tiny subsets for tests")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total (tests)")
     ap.add_argument("--runs-dir", default=str(REPO / "runs"))
@@ -176,6 +178,17 @@ def train(argv: list[str] | None = None) -> dict:
     }
     torch.manual_seed(args.seed)
     model = create_model(args.arch, tax, config).to(args.device).to(memory_format=torch.channels_last)
+    if args.init_from:
+        from .zoo import load_model
+
+        init, init_manifest = load_model(args.init_from)
+        if init.arch != args.arch or init.class_names != model.class_names:
+            raise SystemExit(f"--init-from {args.init_from}: a {init.arch} model over other classes cannot initialise this one")
+        model.load_state_dict(init.state_dict())
+        model.temperature.fill_(1.0)
+        model.preprocessing.update(init.preprocessing)
+        model._mean.fill_(float(init.preprocessing["mean"]))
+        model._std.fill_(float(init.preprocessing["std"]))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = len(train_set.images)
     steps_per_epoch = max(1, n_train // args.batch_size)
