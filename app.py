@@ -28,7 +28,7 @@ PAGES = [
     ("pages/clip.py", "CLIP explanations", ":material/translate:"),
 ]
 
-st.set_page_config(page_title="Plankton Lens", page_icon=":material/water:", layout="wide")
+st.set_page_config(page_title="Plankton Lens", page_icon="🔬", layout="wide")
 pages = [st.Page(f, title=t, icon=i, default=(f == "pages/home.py")) for f, t, i in PAGES if (ROOT / f).exists()]
 nav = st.navigation(pages)
 with st.sidebar:

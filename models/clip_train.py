@@ -9,9 +9,11 @@ every caption that describes an image's class is a positive for it (UniCL, Yang 
 a caption shared by several classes of a batch ("a shadowgraph image of crustaceans") is never
 a negative. Progress bar, validation every epoch (known-class accuracy by prompts and held-out
 zero-shot top-1, for monitoring only), resumable (re-run the same command; state is also saved
-every few minutes), ``--minutes`` bounds the training time across resumes (the learning rate
-anneals to whichever of ``--epochs`` and ``--minutes`` ends first), then the model is evaluated
-on the test split and exported to the zoo (default ``models/zoo/ndsb-clip``).
+every few minutes), ``--minutes`` bounds the time spent in training steps across resumes (the
+learning rate anneals to whichever of ``--epochs`` and ``--minutes`` ends first; validation and
+the final evaluation add about 2-4 minutes), then the model is evaluated on the test split and
+exported to the zoo (default ``models/zoo/ndsb-clip``; the manifest records ``train_time_s``
+and the whole run's ``wall_time_s``).
 """
 from __future__ import annotations
 
@@ -188,7 +190,8 @@ def train(argv: list[str] | None = None) -> dict:
     budget = args.minutes * 60 if args.minutes else None
 
     state_path = run_dir / "last.pt"
-    epoch, batch, step, elapsed, history = 0, 0, 0, 0.0, []
+    epoch, batch, step, elapsed, history, wall0 = 0, 0, 0, 0.0, [], 0.0
+    t_start = time.time()
     if state_path.exists() and not args.fresh:
         st = load_training_state(state_path)
         if st.get("config") != pc.model_name:
@@ -196,7 +199,7 @@ def train(argv: list[str] | None = None) -> dict:
         pc.clip.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         epoch, batch, step = int(st["epoch"]), int(st["batch"]), int(st["step"])
-        elapsed, history = float(st["elapsed"]), json.loads(st["history"])
+        elapsed, history, wall0 = float(st["elapsed"]), json.loads(st["history"]), float(st.get("wall", 0.0))
         print(f"resuming {name} at epoch {epoch + 1}, step {step}, {elapsed / 60:.1f} min trained", file=sys.stderr)
 
     def progress_of(step: int, elapsed: float) -> float:
@@ -206,6 +209,7 @@ def train(argv: list[str] | None = None) -> dict:
     def save_state() -> None:
         save_training_state(state_path, {"model": pc.clip.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                                          "batch": batch, "step": step, "elapsed": elapsed, "config": pc.model_name,
+                                         "wall": wall0 + time.time() - t_start,
                                          "history": json.dumps(history)})
 
     labels = train_set.labels["class"]
@@ -258,7 +262,8 @@ def train(argv: list[str] | None = None) -> dict:
     mpath = save_clip_checkpoint(
         pc, Path(args.export_dir) / name, dataset=args.dataset, split_seed=DEFAULT_SEED, holdout=args.holdout,
         command=command, metrics=metrics, history=history, train_args=vars(args), train_images=n_train,
-        train_steps=step, train_time_s=round(elapsed, 1), captions=len(captions.captions),
+        train_steps=step, train_time_s=round(elapsed, 1), wall_time_s=round(wall0 + time.time() - t_start, 1),
+        captions=len(captions.captions),
     )
     z = metrics.get("zero_shot", {}).get("heldout_names", {})
     print(f"saved {mpath}  test accuracy {metrics['test']['leaf']['accuracy']:.3f}  "

@@ -56,6 +56,22 @@ def results_table(reports: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def learning_curves(names: list[str]) -> str:
+    """Validation accuracy per epoch (from the training history in each manifest), as a table."""
+    from .zoo import _manifest_paths
+    from .checkpoint import read_manifest
+
+    rows = ["| model | epoch | train loss | val acc living | group | subgroup | class | val log loss | elapsed (s) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        m = read_manifest(_manifest_paths()[n])
+        for h in m.get("history", []):
+            a = h["val_accuracy"]
+            rows.append(f"| {n} | {h['epoch']} | {h['train_loss']:.3f} | " + " | ".join(f"{100 * a[k]:.1f}" for k in a)
+                        + f" | {h['val_log_loss']:.3f} | {h['elapsed_s']:.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="zoo model name (default: every NDSB classifier without held-out classes)")
@@ -82,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"Percentages; levels from the root. Log loss is the NDSB 2015 competition metric on the 121 leaf classes.\n\n"
                 + results_table(reports) + "\n\nThe seed talk's table, for reference (ZooScan images, not NDSB):\n\n" + SEED_TABLE)
         write_results_section(f"classifiers-{args.split}{'-tta' if args.tta else ''}", text)
+        write_results_section("learning-curves", "## Learning curves (validation split, from each manifest's history)\n\n"
+                              "Elapsed time is wall-clock on the shared 2-core machine (other jobs ran beside the training).\n\n"
+                              + learning_curves(names))
     return 0
 
 

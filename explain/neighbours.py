@@ -1,0 +1,378 @@
+"""Nearest known images: a FAISS index over cached embeddings, neighbour votes, the kNN OOD score.
+
+The gallery of "known" images is the model's training split minus its held-out classes. Vectors
+are L2-normalised (cosine geometry), so distances lie in [0, 2] and the distance to the k-th
+neighbour is the kNN out-of-distribution score of Sun et al. 2022 (higher = more anomalous).
+
+    python -m explain.neighbours query --model NAME --image PATH --k 10 --json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+
+#: Up to this many vectors the index is exact (IndexFlat); beyond, IVF.
+EXACT_MAX = 1_000_000
+#: k of the kNN OOD score everywhere (pages, review queue, CLI), so scores are comparable.
+KNN_K = 10
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows stay zero), float32 C-contiguous."""
+    v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if v.ndim == 1:
+        v = v[None]
+    n = np.linalg.norm(v, axis=1, keepdims=True)
+    return np.ascontiguousarray(v / np.maximum(n, 1e-12), dtype=np.float32)
+
+
+def ivf_nlist(n: int) -> int:
+    """Number of IVF lists for ``n`` vectors (≈ √n, a power of two: about 1,000 vectors a list,
+    and k-means training that stays in seconds on a laptop CPU)."""
+    return int(2 ** round(math.log2(max(1.0, math.sqrt(n)))))
+
+
+def tune_nprobe(index: faiss.IndexIVF, x: np.ndarray, target_recall: float = 0.95, k: int = 10,
+                n_queries: int = 100, metric: int = faiss.METRIC_L2) -> float:
+    """Set the smallest power-of-two ``nprobe`` whose recall@k against exact search reaches
+    ``target_recall`` on a sample of the indexed vectors (their self match left out); returns
+    the recall reached."""
+    rng = np.random.default_rng(1)
+    q = np.ascontiguousarray(x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)])
+    _, exact = faiss.knn(q, x, k + 1, metric=metric)
+    exact = exact[:, 1:]
+    recall = 0.0
+    nprobe = 1
+    while True:
+        index.nprobe = nprobe
+        _, got = index.search(q, k + 1)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got[:, 1:], exact)]))
+        if recall >= target_recall or nprobe >= index.nlist:
+            return recall
+        nprobe = min(nprobe * 2, index.nlist)
+
+
+def build_index(vectors: np.ndarray, metric: str = "l2", kind: str = "auto", exact_max: int = EXACT_MAX,
+                nlist: int | None = None, nprobe: int | None = None, gpu: bool | None = None,
+                target_recall: float = 0.95) -> faiss.Index:
+    """A FAISS index over ``vectors`` (N, D).
+
+    ``kind="auto"`` is exact (IndexFlat) up to ``exact_max`` vectors and IVF-Flat beyond;
+    "flat", "ivf" and "hnsw" force one. An IVF index gets the given ``nprobe``, else the smallest
+    one reaching ``target_recall`` (recall@10 against exact search, see :func:`tune_nprobe`).
+    ``metric`` is "l2" or "ip" (inner product). The index is moved to the GPU only when
+    ``faiss.get_num_gpus() > 0`` (and ``gpu`` is not False).
+    """
+    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"need a non-empty (N, D) array of vectors, got shape {x.shape}")
+    n, d = x.shape
+    if metric not in ("l2", "ip"):
+        raise ValueError(f"metric must be 'l2' or 'ip', not {metric!r}")
+    fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    if kind == "auto":
+        kind = "flat" if n <= exact_max else "ivf"
+    if kind == "flat":
+        index = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+        index.add(x)
+    elif kind == "ivf":
+        nl = min(nlist or ivf_nlist(n), max(1, n // 39))
+        quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nl, fmetric)
+        rng = np.random.default_rng(0)
+        sample = x[np.sort(rng.choice(n, size=min(n, nl * 64), replace=False))]
+        index.cp.niter = 12
+        index.train(sample)
+        index.add(x)
+        if nprobe:
+            index.nprobe = nprobe
+        else:
+            tune_nprobe(index, x, target_recall, metric=fmetric)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, fmetric)
+        index.hnsw.efConstruction = 80
+        index.add(x)
+        index.hnsw.efSearch = 128
+    else:
+        raise ValueError(f"kind must be auto, flat, ivf or hnsw, not {kind!r}")
+    if kind != "hnsw" and gpu is not False and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest indexed vectors of each query: (distances, ids), each (Q, k).
+
+    For an L2 index the distances are Euclidean (not squared); for an inner-product index they
+    are the similarities. Missing neighbours (k > N) have id -1 and distance inf.
+    """
+    q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+    if q.ndim == 1:
+        q = q[None]
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    dist, ids = index.search(q, int(k))
+    if index.metric_type == faiss.METRIC_L2:
+        dist = np.sqrt(np.maximum(dist, 0.0))
+    dist = np.where(ids < 0, np.inf, dist).astype(np.float32)
+    return dist, ids
+
+
+def knn_score(index: faiss.Index, queries: np.ndarray, k: int = KNN_K, exclude_self: bool = False) -> np.ndarray:
+    """kNN OOD score (Sun et al. 2022): Euclidean distance from each L2-normalised query to its
+    k-th nearest neighbour in ``index`` (which must hold L2-normalised vectors). Higher = more anomalous.
+
+    ``exclude_self=True`` means query ``i`` is indexed vector ``i`` (scoring the gallery itself):
+    its own match is left out.
+    """
+    q = normalise(queries)
+    if not exclude_self:
+        return search(index, q, k)[0][:, k - 1]
+    dist, ids = search(index, q, k + 1)
+    return drop_self(dist, ids, np.arange(len(q)), k)[0][:, k - 1]
+
+
+# --- the gallery of known images ------------------------------------------------------------------
+@dataclass
+class Gallery:
+    """Known images of a model: normalised embeddings, manifest rows and their FAISS index."""
+
+    model_name: str
+    dataset: str
+    levels: tuple[str, ...]
+    vectors: np.ndarray
+    rows: pd.DataFrame
+    index: faiss.Index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def make_gallery(model_name: str, dataset: str, levels: tuple[str, ...], embeddings: np.ndarray,
+                 rows: pd.DataFrame) -> Gallery:
+    v = normalise(embeddings)
+    return Gallery(model_name, dataset, tuple(levels), v, rows.reset_index(drop=True), build_index(v))
+
+
+@lru_cache(maxsize=4)
+def _gallery(model_name: str, sha: str, limit_per_class: int | None, progress: bool) -> Gallery:
+    from .embeddings import load_zoo_model, split_outputs
+
+    model, man = load_zoo_model(model_name)
+    dataset = man.get("dataset", "ndsb")
+    o = split_outputs(model_name, dataset, "train", progress=progress, limit_per_class=limit_per_class)
+    keep = ~o.rows["class"].isin(man.get("heldout") or []).to_numpy()
+    return make_gallery(model_name, dataset, tuple(model.levels), o.embeddings[keep], o.rows[keep])
+
+
+def load_gallery(model_name: str, limit_per_class: int | None = None, progress: bool = False) -> Gallery:
+    """The gallery of ``model_name``: its dataset's training split minus held-out classes
+    (built once per process and model weights)."""
+    from .embeddings import load_zoo_model
+
+    return _gallery(model_name, load_zoo_model(model_name)[1]["sha256"], limit_per_class, progress)
+
+
+def drop_self(dist: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """From (Q, k+1) results keep k per row: without the row's ``own`` id where present, else
+    without the farthest hit."""
+    match = ids == own[:, None]
+    drop = np.where(match.any(1), match.argmax(1), ids.shape[1] - 1)
+    keep = np.ones_like(match)
+    keep[np.arange(len(ids)), drop] = False
+    return dist[keep].reshape(len(ids), -1)[:, :k], ids[keep].reshape(len(ids), -1)[:, :k]
+
+
+def dataset_neighbours(model_name: str, dataset: str | None = None, limit_per_class: int | None = None,
+                       progress: bool = False, on_progress=None) -> pd.DataFrame:
+    """For every image of ``dataset`` (rows as :func:`explain.embeddings.split_outputs` gives them):
+    ``knn_score`` (k = KNN_K, gallery images not counting themselves), ``in_gallery``,
+    ``nn_distance`` (nearest other known image) and the neighbour vote per level
+    (``vote_<level>``, ``vote_share_<level>``). Cached on disk beside the embeddings."""
+    from .embeddings import cache_path, dataset_rows, load_zoo_model, split_outputs
+
+    model, man = load_zoo_model(model_name)
+    dataset = dataset or man.get("dataset", "ndsb")
+    _, _, key = dataset_rows(dataset, man, limit_per_class)
+    emb_path = cache_path(model_name, man["sha256"], dataset, key)
+    held = "-".join(sorted(man.get("heldout") or []))
+    path = emb_path.with_name(emb_path.stem + f"__knn{KNN_K}-{_short(held)}.parquet")
+    if path.exists():
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError):
+            pass
+    o = split_outputs(model_name, dataset, None, progress=progress, limit_per_class=limit_per_class,
+                      on_progress=on_progress)
+    g = load_gallery(model_name, limit_per_class, progress)
+    if on_progress:
+        on_progress(1.0, f"searching the {KNN_K} nearest known images of {len(o.rows):,} images")
+    pos = {(d, r): i for i, (d, r) in enumerate(zip(g.rows["dataset"], g.rows["relpath"]))}
+    own = np.array([pos.get((d, r), -1) for d, r in zip(o.rows["dataset"], o.rows["relpath"])], dtype=np.int64)
+    dist, ids = search(g.index, normalise(o.embeddings), KNN_K + 1)
+    dist, ids = drop_self(dist, ids, own, KNN_K)
+    out = pd.DataFrame({"knn_score": dist[:, KNN_K - 1], "nn_distance": dist[:, 0], "in_gallery": own >= 0})
+    for lvl in g.levels:
+        out[f"vote_{lvl}"], out[f"vote_share_{lvl}"] = batch_vote(g, ids, lvl)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    out.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return out
+
+
+def _short(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def image_frame(model_name: str, limit_per_class: int | None = None, progress: bool = False,
+                on_progress=None) -> pd.DataFrame:
+    """One row per image of the model's dataset: manifest columns, ``heldout``, the model's
+    predictions per level (``pred_*``, ``inconsistent``), the kNN score and the neighbour vote."""
+    from .embeddings import load_zoo_model, predictions_frame, split_outputs
+
+    model, man = load_zoo_model(model_name)
+    dataset = man.get("dataset", "ndsb")
+    o = split_outputs(model_name, dataset, None, progress, limit_per_class, on_progress)
+    df = o.rows.copy()
+    df["heldout"] = df["class"].isin(man.get("heldout") or [])
+    return pd.concat([df, predictions_frame(o.logits, model),
+                      dataset_neighbours(model_name, dataset, limit_per_class, progress, on_progress)], axis=1)
+
+
+def neighbour_table(gallery: Gallery, embedding: np.ndarray, k: int = 10, exclude_id: int | None = None) -> pd.DataFrame:
+    """The ``k`` nearest known images of one embedding: rank, gallery id, manifest columns, distance."""
+    extra = 1 if exclude_id is not None else 0
+    dist, ids = search(gallery.index, normalise(embedding), k + extra)
+    dist, ids = dist[0], ids[0]
+    ok = (ids >= 0) & (ids != (exclude_id if exclude_id is not None else -2))
+    dist, ids = dist[ok][:k], ids[ok][:k]
+    cols = ["relpath", "dataset", *gallery.levels]
+    t = gallery.rows.iloc[ids][cols].reset_index(drop=True)
+    t.insert(0, "rank", np.arange(1, len(t) + 1))
+    t.insert(1, "gallery_id", ids)
+    t["distance"] = dist
+    return t
+
+
+def neighbour_vote(table: pd.DataFrame, levels: tuple[str, ...] | list[str]) -> dict[str, dict]:
+    """Majority label per level among neighbours (ties go to the label of the closer neighbour):
+    ``{level: {"label", "votes", "share"}}``."""
+    out = {}
+    for lvl in levels:
+        if table.empty:
+            out[lvl] = {"label": None, "votes": 0, "share": 0.0}
+            continue
+        counts = table.groupby(lvl, sort=False).agg(votes=("distance", "size"), best=("distance", "min"))
+        counts = counts.sort_values(["votes", "best"], ascending=[False, True])
+        label, votes = counts.index[0], int(counts["votes"].iloc[0])
+        out[lvl] = {"label": str(label), "votes": votes, "share": votes / len(table)}
+    return out
+
+
+def batch_vote(gallery: Gallery, ids: np.ndarray, level: str) -> tuple[np.ndarray, np.ndarray]:
+    """Majority label (as a string array) and its share at ``level`` for many queries' neighbour ids (Q, k)."""
+    codes, names = pd.factorize(gallery.rows[level])
+    c = np.where(ids >= 0, codes[np.clip(ids, 0, None)], -1)
+    onehot = np.zeros((len(c), len(names) + 1), np.int32)
+    np.add.at(onehot, (np.repeat(np.arange(len(c)), c.shape[1]), c.ravel()), 1)
+    onehot = onehot[:, :-1]  # the -1 (missing) column
+    best = onehot.argmax(1)
+    share = onehot[np.arange(len(c)), best] / np.maximum((c >= 0).sum(1), 1)
+    return np.asarray(names)[best], share
+
+
+def embed_bytes(model, data: bytes, background: int | None = None) -> np.ndarray:
+    """Embedding (D,) of one image file's bytes (raises ``data.decode.ImageDecodeError`` on bad input)."""
+    from data.decode import load_for_model
+
+    from .embeddings import compute_embeddings
+
+    arr, _, _ = load_for_model(data, int(model.preprocessing["size"]), mode="L", background=background)
+    return compute_embeddings(model, arr[None])[0]
+
+
+def query(model_name: str, image_bytes: bytes, k: int = 10, background: int | None = None,
+          limit_per_class: int | None = None) -> dict:
+    """Neighbours, per-level vote and kNN score of one image, as the CLI prints them."""
+    from .embeddings import load_zoo_model
+
+    model, _ = load_zoo_model(model_name)
+    g = load_gallery(model_name, limit_per_class)
+    emb = embed_bytes(model, image_bytes, background)
+    t = neighbour_table(g, emb, k)
+    vote = neighbour_vote(t, g.levels)
+    return {
+        "neighbours": [{"path": r["relpath"], "dataset": r["dataset"], "label": r[g.levels[-1]],
+                        "distance": round(float(r["distance"]), 5)} for r in t.to_dict("records")],
+        "vote": {lvl: v["label"] for lvl, v in vote.items()},
+        "vote_share": {lvl: round(v["share"], 3) for lvl, v in vote.items()},
+        "knn_score": round(float(knn_score(g.index, emb[None], KNN_K)[0]), 5),
+        "knn_k": KNN_K,
+    }
+
+
+def read_image_arg(arg: str) -> tuple[bytes, int | None]:
+    """Bytes of ``--image``: a file path, or ``dataset:relpath`` inside a known dataset."""
+    p = Path(arg)
+    if p.is_file():
+        return p.read_bytes(), None
+    if ":" in arg and not p.exists():
+        from data.sources import open_source
+
+        ds, rel = arg.split(":", 1)
+        src = open_source(ds)
+        return src.read_bytes(rel), src.background
+    raise FileNotFoundError(f"{arg}: no such file")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m explain.neighbours", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("query", help="nearest known images of one image")
+    q.add_argument("--model", required=True, help="zoo model name")
+    q.add_argument("--image", required=True, help="image file, or dataset:relpath (e.g. ndsb:train/x/1.jpg)")
+    q.add_argument("--k", type=int, default=10, help="number of neighbours (default 10)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.add_argument("--limit-per-class", type=int, default=None, metavar="N",
+                   help="gallery of the first N training images per class only (a quick look)")
+    args = ap.parse_args(argv)
+    from data.decode import ImageDecodeError
+    from data.sources import DatasetNotFound
+    from models.checkpoint import CheckpointError
+
+    if args.k < 1:
+        print("error: --k must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        data, bg = read_image_arg(args.image)
+        res = query(args.model, data, args.k, bg, args.limit_per_class)
+    except ImageDecodeError as e:
+        print(f"error: {args.image}: {e.message}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, DatasetNotFound, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"kNN score (k={KNN_K}): {res['knn_score']:.4f}")
+    print("vote: " + ", ".join(f"{lvl} {lab} ({res['vote_share'][lvl]:.0%})" for lvl, lab in res["vote"].items()))
+    for i, nb in enumerate(res["neighbours"], 1):
+        print(f"{i:>3}. {nb['distance']:.4f}  {nb['label']:<32} {nb['dataset']}:{nb['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Out-of-distribution scores and metrics (higher score = more anomalous, everywhere).
+
+Logit scores, per taxonomic level, from one level's logits: maximum softmax probability
+(Hendrycks & Gimpel 2017), maximum logit (Hendrycks et al. 2022), normalised entropy, energy
+(Liu et al. 2020) and generalised entropy GEN (Liu, Lochman & Zach 2023). A "flat" logit
+vector scores high on all of them; a peaked one low. Feature scores on the embeddings: the
+distance to the k-th nearest training image (Sun et al. 2022, FAISS via
+:mod:`explain.neighbours`) and the Mahalanobis distance to the closest class mean under a
+shared covariance (Lee et al. 2018).
+
+Metrics treat OOD images as positives for AUROC and AUPR. FPR95 follows the usual convention
+(Hendrycks et al. 2019; Sun et al. 2022): the threshold keeps 95 % of in-distribution images
+(TPR), and FPR is the share of OOD images that it keeps too.
+
+    python -m explain.ood benchmark --json     (see explain/ood_benchmark.py)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CONFIG_PATH = Path(__file__).resolve().parent.parent / "models" / "ood_config.json"
+CONFIG: dict = json.loads(CONFIG_PATH.read_text())
+
+LOGIT_SCORES = ("msp", "max_logit", "entropy", "energy", "gen")
+FEATURE_SCORES = ("knn", "mahalanobis")
+SCORES = LOGIT_SCORES + FEATURE_SCORES
+SCORE_LABELS = {
+    "msp": "1 − maximum softmax probability",
+    "max_logit": "− maximum logit",
+    "entropy": "normalised entropy",
+    "energy": "energy (− logsumexp)",
+    "gen": "generalised entropy (GEN)",
+    "knn": "kNN distance (embedding)",
+    "mahalanobis": "Mahalanobis distance (embedding)",
+}
+
+
+# --- logit scores ------------------------------------------------------------------------------
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.where(np.isfinite(z), z, -1e9)
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def msp(logits: np.ndarray) -> np.ndarray:
+    """1 − maximum softmax probability, in [0, 1 − 1/K]."""
+    return 1.0 - softmax(logits).max(-1)
+
+
+def max_logit(logits: np.ndarray) -> np.ndarray:
+    """Negative maximum logit."""
+    return -np.asarray(logits, dtype=np.float64).max(-1)
+
+
+def entropy(logits: np.ndarray) -> np.ndarray:
+    """Shannon entropy of the softmax divided by log K, in [0, 1]."""
+    p = softmax(logits)
+    k = p.shape[-1]
+    h = -(p * np.log(np.clip(p, 1e-300, None))).sum(-1)
+    return h / np.log(k) if k > 1 else np.zeros(p.shape[:-1])
+
+
+def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Free energy −T·logsumexp(z / T)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = np.where(np.isfinite(z), z, -1e9)
+    m = z.max(-1)
+    return -temperature * (m + np.log(np.exp(z - m[..., None]).sum(-1)))
+
+
+def gen(logits: np.ndarray, gamma: float | None = None, top_m: int | None = None) -> np.ndarray:
+    """Generalised entropy Σ_{top M} p^γ (1 − p)^γ over the M largest probabilities."""
+    gamma = CONFIG["gen_gamma"] if gamma is None else gamma
+    top_m = CONFIG["gen_top_m"] if top_m is None else top_m
+    p = np.sort(softmax(logits), -1)[..., ::-1][..., : max(1, min(top_m, np.shape(logits)[-1]))]
+    return (p**gamma * (1 - p) ** gamma).sum(-1)
+
+
+LOGIT_FUNCS = {"msp": msp, "max_logit": max_logit, "entropy": entropy, "energy": energy, "gen": gen}
+
+
+def logit_score(logits: np.ndarray, name: str) -> np.ndarray:
+    """One of :data:`LOGIT_SCORES` for logits (N, K) → (N,) float64, higher = more anomalous."""
+    if name not in LOGIT_FUNCS:
+        raise KeyError(f"unknown logit score {name!r}; known: {LOGIT_SCORES}")
+    return LOGIT_FUNCS[name](np.atleast_2d(logits))
+
+
+def is_log_probability(logits: np.ndarray, tol: float = 1e-3) -> bool:
+    """True when a level's outputs are already log-probabilities (logsumexp ≈ 0 for every row),
+    as the flat model's upper levels: there max logit and energy carry no extra information."""
+    z = np.atleast_2d(logits)
+    return bool(len(z)) and bool(np.all(np.abs(energy(z)) < tol))
+
+
+# --- feature scores ---------------------------------------------------------------------------
+@dataclass
+class Mahalanobis:
+    """Class-conditional Gaussians with one shared covariance, stored whitened."""
+
+    whiten: np.ndarray  # (D, D): x @ whiten has identity covariance
+    means: np.ndarray  # (C, D) whitened class means
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to the closest class mean."""
+        q = np.asarray(embeddings, dtype=np.float64) @ self.whiten
+        d = (q**2).sum(1)[:, None] - 2 * q @ self.means.T + (self.means**2).sum(1)[None]
+        return np.maximum(d.min(1), 0.0)
+
+
+def fit_mahalanobis(embeddings: np.ndarray, labels: np.ndarray, shrinkage: float | None = None) -> Mahalanobis:
+    """Fit class means and the shared (within-class) covariance on training embeddings;
+    ``shrinkage`` × mean variance is added to the diagonal for a stable inverse."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    y = np.asarray(labels)
+    if len(x) < 2:
+        raise ValueError("need at least two training embeddings to fit a covariance")
+    shrinkage = CONFIG["mahalanobis_shrinkage"] if shrinkage is None else shrinkage
+    classes = np.unique(y)
+    means = np.stack([x[y == c].mean(0) for c in classes])
+    centred = x - means[np.searchsorted(classes, y)]
+    cov = centred.T @ centred / len(x)
+    cov += np.eye(len(cov)) * shrinkage * max(float(np.trace(cov)) / len(cov), 1e-12)
+    vals, vecs = np.linalg.eigh(cov)
+    whiten = vecs / np.sqrt(np.maximum(vals, 1e-12))
+    return Mahalanobis(whiten, means @ whiten)
+
+
+def knn_scores(train_embeddings: np.ndarray, query_embeddings: np.ndarray, k: int | None = None) -> np.ndarray:
+    """kNN score: distance from each L2-normalised query to its k-th nearest training embedding."""
+    from .neighbours import KNN_K, build_index, knn_score, normalise
+
+    index = build_index(normalise(train_embeddings))
+    return knn_score(index, query_embeddings, KNN_K if k is None else k).astype(np.float64)
+
+
+# --- metrics ----------------------------------------------------------------------------------
+def _split(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(id_scores, dtype=np.float64).ravel(), np.asarray(ood_scores, dtype=np.float64).ravel()
+    if len(a) == 0 or len(b) == 0:
+        raise ValueError("need at least one in-distribution and one OOD score")
+    return a, b
+
+
+def auroc(id_scores, ood_scores) -> float:
+    """Probability that an OOD image scores higher than an in-distribution one (ties count ½)."""
+    from scipy.stats import rankdata
+
+    a, b = _split(id_scores, ood_scores)
+    ranks = rankdata(np.concatenate([a, b]))
+    u = ranks[len(a):].sum() - len(b) * (len(b) + 1) / 2
+    return float(u / (len(a) * len(b)))
+
+
+def aupr(id_scores, ood_scores) -> float:
+    """Average precision with OOD as the positive class (step-wise, as scikit-learn)."""
+    a, b = _split(id_scores, ood_scores)
+    s = np.concatenate([a, b])
+    y = np.concatenate([np.zeros(len(a)), np.ones(len(b))])
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # end of each group of tied scores
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    precision = tps / (tps + fps)
+    recall = tps / len(b)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def threshold_at_tpr(id_scores, tpr: float | None = None) -> float:
+    """The lowest threshold that keeps at least ``tpr`` of in-distribution images (kept: score ≤ t)."""
+    tpr = CONFIG["tpr"] if tpr is None else tpr
+    a = np.sort(np.asarray(id_scores, dtype=np.float64).ravel())
+    if len(a) == 0:
+        raise ValueError("need in-distribution scores")
+    k = int(np.ceil(np.clip(tpr, 0.0, 1.0) * len(a) - 1e-9))
+    return float(a[max(k, 1) - 1])
+
+
+def rates_at(id_scores, ood_scores, threshold: float) -> dict[str, float]:
+    """At a threshold (anomalous: score > t): TPR = in-distribution kept, FPR = OOD kept,
+    and the complementary "flagged" rates for each."""
+    a = np.asarray(id_scores, dtype=np.float64).ravel()
+    b = np.asarray(ood_scores, dtype=np.float64).ravel()
+    tpr = float((a <= threshold).mean()) if len(a) else float("nan")
+    fpr = float((b <= threshold).mean()) if len(b) else float("nan")
+    return {"tpr": tpr, "fpr": fpr, "id_flagged": 1 - tpr, "ood_flagged": 1 - fpr}
+
+
+def fpr_at_tpr(id_scores, ood_scores, tpr: float | None = None) -> float:
+    """Share of OOD images kept at the threshold that keeps ``tpr`` of in-distribution images."""
+    a, b = _split(id_scores, ood_scores)
+    return rates_at(a, b, threshold_at_tpr(a, tpr))["fpr"]
+
+
+def ood_metrics(id_scores, ood_scores, tpr: float | None = None) -> dict[str, float]:
+    """AUROC, AUPR (OOD positive), FPR at ``tpr`` TPR and its threshold."""
+    a, b = _split(id_scores, ood_scores)
+    return {"auroc": auroc(a, b), "aupr": aupr(a, b), "fpr95": fpr_at_tpr(a, b, tpr), "threshold": threshold_at_tpr(a, tpr)}
+
+
+def known_group_unknown_class(group_scores, leaf_scores, group_threshold: float, leaf_threshold: float) -> np.ndarray:
+    """Images whose group head is peaked (score ≤ its threshold) while the leaf head is flat
+    (score > its threshold): the model knows the group but not the class."""
+    return (np.asarray(group_scores) <= group_threshold) & (np.asarray(leaf_scores) > leaf_threshold)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .ood_benchmark import main as bench_main
+
+    return bench_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""OOD evaluation data for a zoo model, and the leave-class-out / cross-instrument benchmark.
+
+For a model trained on one dataset the evaluation sets are: its in-distribution test split,
+its held-out leaf classes (every image of them: the model never saw any), a capped sample of
+the other instrument's images (ZooLake for NDSB models), and known outliers made from test
+images (chimeras, heavy corruptions, FGSM adversarial examples against the model). Dataset
+outputs come from :func:`explain.embeddings.split_outputs` (shared cache); the other-instrument
+sample and the known outliers are cached under ``cache_dir()/ood`` keyed by the model's sha256.
+
+    python -m explain.ood benchmark [--json] [--models NAME ...] [--no-write]
+
+evaluates the zoo's checkpoints (no training) and writes the table into docs/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from data.manifest import build_manifest, decoded_array
+from data.paths import cache_dir
+from data.sources import open_source
+from models.base import HierarchicalClassifier, images_to_tensor
+from models.outliers import adversarial, chimeras, corruptions
+
+from .ood import CONFIG, FEATURE_SCORES, LOGIT_SCORES, SCORES, fit_mahalanobis, logit_score, ood_metrics
+
+CACHE_VERSION = 1
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results.md"
+START, END = "<!-- ood-benchmark:start -->", "<!-- ood-benchmark:end -->"
+OUTLIER_KINDS = ("chimera", "corruption", "adversarial")
+DATASET_LABELS = {"ndsb": "NDSB", "zoolake": "ZooLake"}
+
+
+@dataclass
+class EvalSet:
+    """One group of evaluation images: logits per level, embeddings, rows (relpath, dataset,
+    class; empty relpath for synthetic images) and, for synthetic images, the images."""
+
+    name: str
+    kind: str  # "id" | "heldout" | "other" | "outlier"
+    logits: dict[str, np.ndarray]
+    embeddings: np.ndarray
+    rows: pd.DataFrame
+    images: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
+class Evaluation:
+    """Everything the OOD benchmark and the Anomalies page need for one model."""
+
+    model_name: str
+    manifest: dict
+    levels: tuple[str, ...]
+    class_names: dict[str, list[str]]
+    sets: dict[str, EvalSet]
+    fit_embeddings: np.ndarray
+    fit_labels: np.ndarray
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def heldout(self) -> list[str]:
+        return list(self.manifest.get("heldout") or [])
+
+    def set_of(self, kind: str) -> list[str]:
+        return [n for n, s in self.sets.items() if s.kind == kind]
+
+    def scores(self, score: str, level: str | None = None) -> dict[str, np.ndarray]:
+        """``{set name: scores}`` for a logit score at ``level`` (default: leaf) or a feature score."""
+        level = level or self.levels[-1]
+        key = (score, level if score in LOGIT_SCORES else None)
+        if key not in self._cache:
+            if score in LOGIT_SCORES:
+                self._cache[key] = {n: logit_score(s.logits[level], score) if len(s) else np.zeros(0) for n, s in self.sets.items()}
+            elif score == "knn":
+                from .neighbours import KNN_K, build_index, knn_score, normalise
+
+                index = build_index(normalise(self.fit_embeddings))
+                self._cache[key] = {n: knn_score(index, s.embeddings, KNN_K).astype(np.float64) if len(s) else np.zeros(0)
+                                    for n, s in self.sets.items()}
+            elif score == "mahalanobis":
+                maha = fit_mahalanobis(self.fit_embeddings, self.fit_labels)
+                self._cache[key] = {n: maha.score(s.embeddings) if len(s) else np.zeros(0) for n, s in self.sets.items()}
+            else:
+                raise KeyError(f"unknown score {score!r}; known: {SCORES}")
+        return self._cache[key]
+
+
+# --- building the evaluation sets ---------------------------------------------------------------
+def _rank(keys: pd.Series, salt: str) -> np.ndarray:
+    h = [int.from_bytes(hashlib.sha1(f"{salt}:{k}".encode()).digest()[:8], "big") for k in keys]
+    return np.argsort(np.array(h, dtype=np.uint64), kind="stable")
+
+
+def other_sample(rows: pd.DataFrame, n: int, per_class: int) -> pd.DataFrame:
+    """A deterministic sample: at most ``per_class`` images per class (by file-name hash), then
+    the first ``n`` of those by hash."""
+    r = rows.iloc[_rank(rows["relpath"], "ood-sample")]
+    r = r.groupby("class", sort=False).head(per_class)
+    return r.head(n).sort_values("relpath").reset_index(drop=True)
+
+
+@torch.no_grad()
+def _forward(model: HierarchicalClassifier, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    from .embeddings import compute_outputs
+
+    return compute_outputs(model, images)
+
+
+def _label_index(model: HierarchicalClassifier, rows: pd.DataFrame) -> dict[str, torch.Tensor]:
+    out = {}
+    for lvl in model.levels:
+        pos = {n: i for i, n in enumerate(model.class_names[lvl])}
+        out[lvl] = torch.tensor(rows[lvl].map(pos).to_numpy(dtype=np.int64))
+    return out
+
+
+def make_known_outliers(model: HierarchicalClassifier, images: np.ndarray, rows: pd.DataFrame, n: int, seed: int,
+                        eps: float) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
+    """``{kind: (uint8 images, source rows)}``: chimeras, corruptions and FGSM examples made
+    from ``n`` in-distribution images each (deterministic for a seed)."""
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    model.eval()
+    for kind in OUTLIER_KINDS:
+        idx = np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))
+        x = images_to_tensor(np.asarray(images[idx]))
+        lab = _label_index(model, rows.iloc[idx])
+        if kind == "chimera":
+            xo, j = chimeras(x, lab[model.levels[-1]], g)
+            src = [f"{a} + {b}" for a, b in zip(rows["relpath"].iloc[idx], rows["relpath"].iloc[idx].to_numpy()[j.numpy()])]
+        elif kind == "corruption":
+            xo, src = corruptions(x, g), list(rows["relpath"].iloc[idx])
+        else:
+            xo, src = adversarial(model, x, lab, eps), list(rows["relpath"].iloc[idx])
+        imgs = (xo.squeeze(1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        meta = pd.DataFrame({"relpath": "", "dataset": f"known outlier: {kind}", "class": kind, "source": src})
+        out[kind] = (imgs, meta)
+    return out
+
+
+def sizes(limit_per_class: int | None) -> dict:
+    """Sizes of the other-instrument sample and known-outlier sets (smaller for a quick sample)."""
+    keys = ("other_instrument", "other_sample", "other_per_class", "outliers_per_kind", "outlier_seed", "outlier_fgsm_eps")
+    out = {k: CONFIG[k] for k in keys}
+    if limit_per_class:
+        out.update(CONFIG["quick"])
+    return out
+
+
+def _extra_path(model_name: str, sha: str, limit_per_class: int | None) -> Path:
+    h = hashlib.sha256(json.dumps(sizes(limit_per_class), sort_keys=True).encode()).hexdigest()[:8]
+    tag = f"n{limit_per_class}" if limit_per_class else "full"
+    return cache_dir() / "ood" / model_name / f"{sha[:16]}__{tag}__{h}__v{CACHE_VERSION}.npz"
+
+
+def is_evaluated(model_name: str, limit_per_class: int | None = None) -> bool:
+    """Whether the model's OOD evaluation (dataset outputs and extra sets) is already on disk."""
+    from .embeddings import is_cached, load_zoo_model
+
+    _, man = load_zoo_model(model_name)
+    return is_cached(model_name, man.get("dataset", "ndsb"), limit_per_class) and \
+        _extra_path(model_name, man["sha256"], limit_per_class).exists()
+
+
+def _extra_sets(model: HierarchicalClassifier, man: dict, model_name: str, id_images: np.ndarray, id_rows: pd.DataFrame,
+                progress: bool, limit_per_class: int | None = None) -> dict[str, EvalSet]:
+    """Other-instrument sample and known outliers, cached on disk per model sha256."""
+    dataset = man.get("dataset", "ndsb")
+    other = CONFIG["other_instrument"].get(dataset)
+    path = _extra_path(model_name, man["sha256"], limit_per_class)
+    size = sizes(limit_per_class)
+    levels = list(model.levels)
+    arrays: dict[str, np.ndarray] = {}
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError):
+            arrays = {}
+    if not arrays:
+        t0 = time.time()
+        if other:
+            try:
+                osrc = open_source(other)
+                orows = other_sample(build_manifest(osrc, progress=False), size["other_sample"], size["other_per_class"])
+                oimg = decoded_array(osrc, orows, int(model.preprocessing["size"]), progress=progress)
+                emb, lg = _forward(model, oimg)
+                arrays.update({"other_relpath": orows["relpath"].to_numpy().astype(str), "other_class": orows["class"].to_numpy().astype(str),
+                               "other_emb": emb, **{f"other_logits_{k}": v for k, v in lg.items()}})
+            except FileNotFoundError:  # the other dataset is not installed: no such set
+                pass
+        outl = make_known_outliers(model, id_images, id_rows, size["outliers_per_kind"], size["outlier_seed"],
+                                   size["outlier_fgsm_eps"])
+        for kind, (imgs, meta) in outl.items():
+            emb, lg = _forward(model, imgs)
+            arrays.update({f"{kind}_images": imgs, f"{kind}_source": meta["source"].to_numpy().astype(str), f"{kind}_emb": emb,
+                           **{f"{kind}_logits_{k}": v for k, v in lg.items()}})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        tag = path.name.split("__")[1]
+        for p in path.parent.glob(f"*__{tag}__*.npz"):  # older weights or settings, same sample size
+            if p != path:
+                p.unlink(missing_ok=True)
+        if progress:
+            print(f"{model_name}: other-instrument sample and known outliers in {time.time() - t0:.1f} s", file=sys.stderr)
+    sets: dict[str, EvalSet] = {}
+    if "other_emb" in arrays:
+        rows = pd.DataFrame({"relpath": arrays["other_relpath"], "dataset": other, "class": arrays["other_class"]})
+        sets[DATASET_LABELS.get(other, other)] = EvalSet(DATASET_LABELS.get(other, other), "other",
+                                                         {k: arrays[f"other_logits_{k}"] for k in levels}, arrays["other_emb"], rows)
+    for kind in OUTLIER_KINDS:
+        rows = pd.DataFrame({"relpath": "", "dataset": f"known outlier: {kind}", "class": kind, "source": arrays[f"{kind}_source"]})
+        sets[f"known outliers: {kind}"] = EvalSet(f"known outliers: {kind}", "outlier", {k: arrays[f"{kind}_logits_{k}"] for k in levels},
+                                                 arrays[f"{kind}_emb"], rows, arrays[f"{kind}_images"])
+    return sets
+
+
+def evaluation(model_name: str, limit_per_class: int | None = None, progress: bool = False,
+               on_progress: Callable[[float, str], None] | None = None) -> Evaluation:
+    """The OOD evaluation of a zoo model (computed once, then read from the caches).
+    ``limit_per_class`` evaluates a quick sample (n images per class and split);
+    ``on_progress(fraction, message)`` reports progress (for a UI progress bar)."""
+    from .embeddings import dataset_manifest, load_zoo_model, split_outputs
+
+    model, man = load_zoo_model(model_name)
+    dataset = man.get("dataset", "ndsb")
+    o = split_outputs(model_name, dataset, progress=progress, limit_per_class=limit_per_class,
+                      on_progress=(lambda f, m: on_progress(0.9 * f, m)) if on_progress else None)
+    rows = o.rows
+    held = list(man.get("heldout") or [])
+    leaf = model.levels[-1]
+    known = rows["class"].isin(model.class_names[leaf]).to_numpy()
+    is_held = rows["class"].isin(held).to_numpy()
+    test = (rows["split"] == "test").to_numpy() & known & ~is_held
+    fit = (rows["split"] == "train").to_numpy() & known & ~is_held
+    cols = ["relpath", "dataset", "class", *[lvl for lvl in model.levels if lvl != "class"], "split"]
+    label = DATASET_LABELS.get(dataset, dataset)
+    sets = {f"in-distribution ({label} test)": EvalSet(f"in-distribution ({label} test)", "id", {k: v[test] for k, v in o.logits.items()},
+                                                      o.embeddings[test], rows.loc[test, cols].reset_index(drop=True))}
+    sets["held-out classes"] = EvalSet("held-out classes", "heldout", {k: v[is_held] for k, v in o.logits.items()},
+                                       o.embeddings[is_held], rows.loc[is_held, cols].reset_index(drop=True))
+    src, full_rows = dataset_manifest(dataset, man, limit_per_class)
+    if on_progress:
+        on_progress(0.9, "the other instrument's sample and known outliers")
+    images = decoded_array(src, full_rows, int(model.preprocessing["size"]), progress=progress)
+    id_idx = np.flatnonzero(test)
+    sets.update(_extra_sets(model, man, model_name, np.asarray(images[id_idx]), rows.iloc[id_idx].reset_index(drop=True), progress,
+                            limit_per_class))
+    if on_progress:
+        on_progress(1.0, "done")
+    pos = {n: i for i, n in enumerate(model.class_names[leaf])}
+    fit_labels = rows.loc[fit, "class"].map(pos).to_numpy(dtype=np.int64)
+    return Evaluation(model_name, man, tuple(model.levels), dict(model.class_names), sets, o.embeddings[fit], fit_labels)
+
+
+# --- helpers for the Anomalies page -----------------------------------------------------------------
+def most_anomalous(ev: Evaluation, score: str, level: str | None, set_names: list[str], n: int = 12) -> pd.DataFrame:
+    """The ``n`` highest-scoring images of ``set_names``: set, index in the set, score, class, link."""
+    s = ev.scores(score, level)
+    parts = []
+    for name in set_names:
+        es = ev.sets[name]
+        if not len(es):
+            continue
+        top = np.argsort(-s[name], kind="stable")[:n]
+        parts.append(pd.DataFrame({"set": name, "index": top, "score": s[name][top], "class": es.rows["class"].to_numpy()[top],
+                                   "link": [deep_link(es, int(i)) for i in top]}))
+    if not parts:
+        return pd.DataFrame(columns=["set", "index", "score", "class", "link"])
+    return pd.concat(parts).sort_values("score", ascending=False, kind="stable").head(n).reset_index(drop=True)
+
+
+def typical_index(ev: Evaluation, score: str, level: str | None) -> int:
+    """The in-distribution test image whose score is the median: a "usual" activation."""
+    s = ev.scores(score, level)[ev.set_of("id")[0]]
+    return int(np.argsort(s, kind="stable")[len(s) // 2])
+
+
+def deep_link(es: EvalSet, i: int) -> str | None:
+    """``<dataset>:<relpath>`` of a dataset image (None for a synthetic known outlier)."""
+    r = es.rows.iloc[i]
+    return f"{r['dataset']}:{r['relpath']}" if r["relpath"] else None
+
+
+def display_image(ev: Evaluation, set_name: str, i: int, size: int = 128):
+    """A square RGB PIL image of one evaluation image in its instrument's polarity."""
+    from PIL import Image
+
+    from data.decode import fit_square, load_for_model
+
+    es = ev.sets[set_name]
+    if es.images is not None:
+        fg = es.images[i]
+        bg = open_source(ev.manifest.get("dataset", "ndsb")).background
+        arr = 255 - fg if bg >= 128 else fg
+        return Image.fromarray(arr).resize((size, size), Image.Resampling.NEAREST).convert("RGB")
+    r = es.rows.iloc[i]
+    src = open_source(r["dataset"])
+    _, dec, _ = load_for_model(src.read_bytes(r["relpath"]), size, mode=src.mode, background=src.background)
+    return fit_square(dec.image, size, src.background).convert("RGB")
+
+
+def group_level(ev: Evaluation) -> str | None:
+    """The level above the leaf used for "known group, unknown class" (the group level when present)."""
+    if "group" in ev.levels:
+        return "group"
+    return ev.levels[-2] if len(ev.levels) > 1 else None
+
+
+def known_group_unknown(ev: Evaluation, score: str, tpr: float | None = None) -> dict[str, np.ndarray]:
+    """Per set, which images have a peaked group head and a flat leaf head (thresholds keep
+    ``tpr`` of in-distribution images at each level)."""
+    from .ood import known_group_unknown_class, threshold_at_tpr
+
+    grp, leaf = group_level(ev), ev.levels[-1]
+    if grp is None or score not in LOGIT_SCORES:
+        return {}
+    sg, sl = ev.scores(score, grp), ev.scores(score, leaf)
+    idn = ev.set_of("id")[0]
+    tg, tl = threshold_at_tpr(sg[idn], tpr), threshold_at_tpr(sl[idn], tpr)
+    return {n: known_group_unknown_class(sg[n], sl[n], tg, tl) for n in ev.sets}
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+def _r(x: float) -> float:
+    return round(float(x), 4)
+
+
+def leave_class_out(ev: Evaluation) -> tuple[dict, dict]:
+    """Per score (leaf level for logit scores): mean AUROC / FPR95 / AUPR over held-out classes,
+    each class's AUROC; and the mean AUROC of every logit score at every level."""
+    idn = ev.set_of("id")[0]
+    held = ev.sets["held-out classes"]
+    classes = sorted(held.rows["class"].unique())
+    masks = {c: (held.rows["class"] == c).to_numpy() for c in classes}
+    table, per_level = {}, {}
+    for score in SCORES:
+        s = ev.scores(score)
+        ms = {c: ood_metrics(s[idn], s["held-out classes"][m]) for c, m in masks.items()}
+        table[score] = {"auroc_mean": _r(np.mean([m["auroc"] for m in ms.values()])),
+                        "fpr95_mean": _r(np.mean([m["fpr95"] for m in ms.values()])),
+                        "aupr_mean": _r(np.mean([m["aupr"] for m in ms.values()])),
+                        "per_class": {c: _r(m["auroc"]) for c, m in ms.items()}}
+    for lvl in ev.levels:
+        per_level[lvl] = {}
+        for score in LOGIT_SCORES:
+            s = ev.scores(score, lvl)
+            per_level[lvl][score] = _r(np.mean([ood_metrics(s[idn], s["held-out classes"][m])["auroc"] for m in masks.values()]))
+    return table, per_level
+
+
+def cross_dataset(ev: Evaluation) -> dict:
+    """Per score: the other instrument's images against the in-distribution test split."""
+    idn, other = ev.set_of("id")[0], ev.set_of("other")
+    if not other:
+        return {}
+    out = {}
+    for score in SCORES:
+        s = ev.scores(score)
+        m = ood_metrics(s[idn], s[other[0]])
+        out[score] = {"auroc": _r(m["auroc"]), "fpr95": _r(m["fpr95"]), "aupr": _r(m["aupr"])}
+    return out
+
+
+def model_info(man: dict) -> dict:
+    test = man.get("metrics", {}).get("test", {})
+    ta = man.get("train_args", {})
+    return {"arch": man.get("arch"), "dataset": man.get("dataset"), "heldout": len(man.get("heldout") or []),
+            "outlier_exposure": ta.get("outlier_exposure", "none"), "oe_weight": ta.get("oe_weight") if ta.get("outlier_exposure", "none") != "none" else None,
+            "leaf_accuracy": _r(test.get("leaf", {}).get("accuracy", float("nan"))), "command": man.get("command")}
+
+
+def targets(result: dict) -> dict:
+    """The issue's targets, checked on the held-out models found (baseline: no outlier exposure)."""
+    info, lco = result["models"], result["leave_class_out"]
+    oe = [m for m in lco if info[m]["outlier_exposure"] != "none"]
+    base = [m for m in lco if info[m]["outlier_exposure"] == "none"]
+    out: dict = {}
+    if oe:
+        m = oe[0]
+        best = max(LOGIT_SCORES, key=lambda s: lco[m][s]["auroc_mean"])
+        out["flat_logit_model"] = m
+        out["flat_logit_best_score"] = best
+        out["flat_logit_auroc_mean"] = lco[m][best]["auroc_mean"]
+        out["flat_logit_auroc_ge_0.95"] = lco[m][best]["auroc_mean"] >= 0.95
+    if base:
+        b = base[0]
+        best_b = max(SCORES, key=lambda s: lco[b][s]["auroc_mean"])
+        out["baseline_model"] = b
+        out["baseline_best_score"] = best_b
+        out["baseline_best_auroc_mean"] = lco[b][best_b]["auroc_mean"]
+        if oe:
+            out["flat_logit_above_baseline"] = out["flat_logit_auroc_mean"] > out["baseline_best_auroc_mean"]
+            out["accuracy_drop"] = _r(info[b]["leaf_accuracy"] - info[oe[0]]["leaf_accuracy"])
+            out["accuracy_within_1_point"] = out["accuracy_drop"] <= 0.01
+    cross = result["cross_dataset"]
+    if cross:
+        best_c = {m: max(v.values(), key=lambda r: r["auroc"])["auroc"] for m, v in cross.items() if v}
+        out["cross_dataset_best_auroc"] = best_c
+        out["cross_dataset_ge_0.98"] = {m: a >= 0.98 for m, a in best_c.items()}
+    return out
+
+
+def run_benchmark(models: list[str] | None = None, progress: bool = False) -> dict:
+    """Evaluate zoo models: leave-class-out for models with held-out classes, cross-instrument
+    for every model. Returns the JSON shape documented in the issue (plus details)."""
+    from models.zoo import list_models
+
+    zoo = [m for m in list_models() if "error" not in m and m.get("kind", "classifier") == "classifier"]
+    if models:
+        missing = sorted(set(models) - {m["name"] for m in zoo})
+        if missing:
+            raise KeyError(f"not in the zoo: {missing}")
+        zoo = [m for m in zoo if m["name"] in models]
+    result: dict = {"leave_class_out": {}, "cross_dataset": {}, "per_level": {}, "models": {}, "sizes": {}}
+    t0 = time.time()
+    for m in zoo:
+        name = m["name"]
+        ev = evaluation(name, progress=progress)
+        result["models"][name] = model_info(ev.manifest)
+        result["sizes"][name] = {n: len(s) for n, s in ev.sets.items()}
+        if ev.heldout and len(ev.sets["held-out classes"]):
+            result["leave_class_out"][name], result["per_level"][name] = leave_class_out(ev)
+        cd = cross_dataset(ev)
+        if cd:
+            result["cross_dataset"][name] = cd
+        if progress:
+            print(f"{name}: evaluated ({time.time() - t0:.0f} s so far)", file=sys.stderr)
+    result["targets"] = targets(result)
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+# --- docs/results.md ------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def results_markdown(result: dict) -> str:
+    """The benchmark as a Markdown section (between markers, so it can be replaced in place)."""
+    lines = [START, "## Out-of-distribution detection (issue 5)", "",
+             "Reproduce: `python -m explain.ood benchmark --json` (evaluation only, from the zoo's checkpoints). "
+             "Scores: higher = more anomalous; logit scores on the leaf level. AUROC and FPR95 in %; FPR95 is the share "
+             "of OOD images kept when 95 % of in-distribution test images are kept.", ""]
+    info = result["models"]
+    if info:
+        lines += ["| model | arch | held-out classes | outlier exposure | leaf accuracy (test) |", "|---|---|---|---|---|"]
+        for n, i in info.items():
+            oe = i["outlier_exposure"] + (f" (weight {i['oe_weight']})" if i.get("oe_weight") is not None else "")
+            lines.append(f"| {n} | {i['arch']} | {i['heldout']} | {oe} | {_pct(i['leaf_accuracy'])} |")
+        lines.append("")
+    lco = result["leave_class_out"]
+    lines += ["### Leave-class-out", ""]
+    if not lco:
+        lines += ["No model with held-out classes in the zoo yet. Train them with "
+                  "`python -m models.train --arch bacnn --holdout default --name ndsb-bacnn-heldout` and "
+                  "`python -m models.train --arch bacnn --holdout default --outlier-exposure mixed --name ndsb-bacnn-heldout-oe`.", ""]
+    else:
+        names = list(lco)
+        lines += ["Mean over the held-out classes (data/heldout_ndsb.json) of each class's AUROC against the in-distribution "
+                  "test split; FPR95 likewise.", "",
+                  "| score | " + " | ".join(f"{n} AUROC | {n} FPR95" for n in names) + " |",
+                  "|---|" + "---|---|" * len(names)]
+        for s in SCORES:
+            lines.append(f"| {s} | " + " | ".join(f"{_pct(lco[n][s]['auroc_mean'])} | {_pct(lco[n][s]['fpr95_mean'])}" for n in names) + " |")
+        lines += ["", "Per held-out class, AUROC of each model's best score:", ""]
+        best = {n: max(SCORES, key=lambda s: lco[n][s]["auroc_mean"]) for n in names}
+        lines += ["| class | " + " | ".join(f"{n} ({best[n]})" for n in names) + " |", "|---|" + "---|" * len(names)]
+        for c in lco[names[0]][SCORES[0]]["per_class"]:
+            lines.append(f"| {c} | " + " | ".join(_pct(lco[n][best[n]]["per_class"].get(c, float('nan'))) for n in names) + " |")
+        pl = result.get("per_level", {})
+        if pl:
+            lines += ["", "Mean AUROC per taxonomic level (logit scores):", ""]
+            for n in names:
+                lines += [f"{n}:", "", "| level | " + " | ".join(LOGIT_SCORES) + " |", "|---|" + "---|" * len(LOGIT_SCORES)]
+                for lvl, v in pl[n].items():
+                    lines.append(f"| {lvl} | " + " | ".join(_pct(v[s]) for s in LOGIT_SCORES) + " |")
+                lines.append("")
+    cd = result["cross_dataset"]
+    lines += ["### Cross-instrument", ""]
+    if cd:
+        names = list(cd)
+        sizes = result.get("sizes", {})
+        n0 = names[0]
+        other = [k for k in sizes.get(n0, {}) if not k.startswith(("in-distribution", "held-out", "known"))]
+        lines += [f"Other-instrument images ({', '.join(f'{k}: {sizes[n0][k]:,}' for k in other)}, a deterministic sample of at most "
+                  f"{CONFIG['other_per_class']} per class) against each model's in-distribution test split: AUROC / FPR95 in %.", "",
+                  "| score | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for s in SCORES:
+            lines.append(f"| {s} | " + " | ".join(f"{_pct(cd[n][s]['auroc'])} / {_pct(cd[n][s]['fpr95'])}" for n in names) + " |")
+        lines.append("")
+    t = result.get("targets", {})
+    if t:
+        lines += ["### Targets", "", "```json", json.dumps(t, indent=1), "```", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_results(result: dict, path: Path = RESULTS) -> Path:
+    """Replace (or append) the OOD section of docs/results.md; the rest of the file is kept."""
+    section = results_markdown(result)
+    text = path.read_text() if path.exists() else "# Results\n"
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m explain.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("benchmark", help="leave-class-out and cross-instrument OOD benchmark of the zoo's models")
+    b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    b.add_argument("--models", nargs="*", help="zoo model names (default: all)")
+    b.add_argument("--no-write", action="store_true", help="do not update docs/results.md")
+    b.add_argument("--results", default=str(RESULTS), help="Markdown file to update (default docs/results.md)")
+    args = ap.parse_args(argv)
+    from data.sources import DatasetNotFound
+    from models.checkpoint import CheckpointError
+
+    try:
+        result = run_benchmark(args.models, progress=True)
+    except (KeyError, CheckpointError, DatasetNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not result["models"]:
+        print("error: the zoo holds no model; train one with python -m models.train", file=sys.stderr)
+        return 2
+    if not args.no_write:
+        p = write_results(result, Path(args.results))
+        print(f"wrote {p}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(results_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

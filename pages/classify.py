@@ -1,0 +1,493 @@
+"""Classify & explain: an image's prediction at every taxonomic level and why (Captum saliency).
+
+Images come from the dataset gallery, from uploads, or from a deep link
+``?image=<dataset>:<relative path>``. All computation is in ``explain/``; this page caches
+and lays it out.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+
+from data.decode import ImageDecodeError, estimate_background, fit_square, load_for_model
+from data.manifest import decoded_array
+from explain import export
+from explain.faithfulness import faithfulness, random_references, randomisation_check
+from explain.predict import Prediction, ground_truth_path, predict
+from explain.saliency import METHODS, attribute, contrast, is_signed
+from models.base import images_to_tensor
+from models.train import predict_arrays
+from pages.common import current_model, get_manifest, get_model, get_source, get_sources
+
+log = logging.getLogger("plankton_lens.classify")
+
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
+ORDERS = ["random", "misclassified only", "least confident"]
+SEL_KEY = "classify_selected"  # (dataset, relpath) of the gallery image being explained
+LINK_KEY = "classify_last_link"
+DISPLAY_PX = 256
+BLUE, ORANGE, GREY = "#0072B2", "#E69F00", "#B8C4CE"  # Okabe-Ito: colour-blind safe
+
+
+@dataclass
+class Loaded:
+    """One image ready to explain."""
+
+    key: str  # stable id (sha1 of the model input)
+    label: str  # shown as the title
+    fg: np.ndarray  # uint8 model input (S, S), foreground polarity
+    display: Image.Image  # square image in its original polarity, DISPLAY_PX wide
+    notes: tuple[str, ...]
+    truth: str | None = None  # true leaf class when known
+    link: str | None = None  # deep-link value "<dataset>:<relpath>"
+
+
+# --- cached computations ---------------------------------------------------------------------
+@st.cache_data(show_spinner=False, max_entries=4096)
+def _read(dataset: str, relpath: str) -> bytes:
+    return get_source(dataset).read_bytes(relpath)
+
+
+@st.cache_data(show_spinner=False, max_entries=4096)
+def _thumb(dataset: str, relpath: str) -> np.ndarray | None:
+    """A small RGB thumbnail of a dataset image, or None if it cannot be decoded."""
+    src = get_source(dataset)
+    try:
+        _, dec, _ = load_for_model(_read(dataset, relpath), 64, mode=src.mode, background=src.background)
+    except ImageDecodeError:
+        return None
+    return np.asarray(fit_square(dec.image, 96, src.background).convert("RGB"))
+
+
+@st.cache_data(show_spinner="Scoring these test images once for this model…", max_entries=32)
+def _subset_predictions(model_name: str, sha: str, dataset: str, relpaths: tuple[str, ...]) -> pd.DataFrame:
+    """Leaf prediction and confidence of each image (model name + sha key the cache)."""
+    model, _ = get_model(model_name)
+    man = get_manifest(dataset)
+    sub = man.set_index("relpath").loc[list(relpaths)].reset_index()
+    arr = decoded_array(get_source(dataset), sub, model.preprocessing["size"], progress=False)
+    leaf = model.levels[-1]
+    probs = predict_arrays(model, np.asarray(arr))[leaf]
+    names = np.array(model.class_names[leaf])
+    return pd.DataFrame({"relpath": list(relpaths), "predicted": names[probs.argmax(1)], "confidence": probs.max(1)})
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _attr(model_key: str, image_key: str, level: str, target: str, method: str, signed: bool, _model, _x) -> tuple[np.ndarray, float | None]:
+    return attribute(_model, _x, level, target, method, signed=signed, return_delta=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _contrast(model_key: str, image_key: str, level: str, a: str, b: str, method: str, _model, _x) -> np.ndarray:
+    return contrast(_model, _x, level, a, b, method)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _references(model_key: str, image_key: str, targets: tuple[tuple[str, str], ...], _model, _x) -> dict[str, float]:
+    """Random-order AUC per (level, target), all levels in one pass."""
+    return random_references(_model, _x, dict(targets))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _faith(model_key: str, image_key: str, level: str, target: str, map_key: str, ref: float, _model, _x, _attr_map) -> dict:
+    f = faithfulness(_model, _x, level, target, _attr_map, reference=ref)
+    return {**f.to_dict(), "fractions": f.curves.fractions, "deletion": f.curves.deletion, "insertion": f.curves.insertion}
+
+
+# --- image choice ----------------------------------------------------------------------------
+def _parse_link(value: str) -> tuple[str, str] | None:
+    ds, sep, rel = (value or "").partition(":")
+    return (ds, rel) if sep and ds and rel else None
+
+
+def _link_problem(link: str) -> str | None:
+    """Why a deep link ``<dataset>:<relpath>`` cannot be opened, or None when it can."""
+    parsed = _parse_link(link)
+    if parsed is None:
+        return f"The link `?image={link}` is not of the form `?image=<dataset>:<relative path>`."
+    ds, rel = parsed
+    sources = get_sources()
+    if ds not in sources:
+        return f"The link names the dataset {ds!r}, which is not available here (known: {', '.join(sources) or 'none'})."
+    if not (get_manifest(ds)["relpath"] == rel).any():
+        return f"The link points to {rel!r}, but there is no image at that path in the {ds} dataset."
+    return None
+
+
+def _select(dataset: str, relpath: str) -> None:
+    st.session_state[SEL_KEY] = (dataset, relpath)
+    link = f"{dataset}:{relpath}"
+    st.session_state[LINK_KEY] = link
+    st.query_params["image"] = link
+
+
+def _load_dataset_image(model, dataset: str, relpath: str) -> Loaded | None:
+    """Decode a gallery image (with its ground truth), or show why it cannot be."""
+    sources = get_sources()
+    if dataset not in sources:
+        st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
+        return None
+    man = get_manifest(dataset)
+    row = man.loc[man["relpath"] == relpath]
+    if row.empty:
+        st.error(f"There is no image {relpath!r} in the {dataset} dataset.")
+        return None
+    src = sources[dataset]
+    try:
+        fg, dec, _ = load_for_model(_read(dataset, relpath), model.preprocessing["size"], mode=src.mode, background=src.background)
+    except ImageDecodeError as e:
+        st.error(f"{relpath}: {e.message}")
+        return None
+    disp = fit_square(dec.image, DISPLAY_PX, src.background).convert("RGB")
+    link = f"{dataset}:{relpath}"
+    return Loaded(_key(fg), link, fg, disp, dec.notes, truth=str(row.iloc[0]["class"]), link=link)
+
+
+def _short(name: str, n: int = 14) -> str:
+    return name if len(name) <= n else name[: n - 1] + "…"
+
+
+def _shuffle() -> None:
+    st.session_state["g_seed"] = st.session_state.get("g_seed", 0) + 1
+
+
+def _key(fg: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(fg).tobytes()).hexdigest()[:16]
+
+
+def _gallery(model, manifest: dict) -> Loaded | None:
+    """Filters and thumbnails; returns the selected image."""
+    sources = get_sources()
+    if not sources:
+        st.warning("No dataset found, so there is no gallery; upload an image instead.")
+        return None
+    names = list(sources)
+    default_ds = manifest.get("dataset") if manifest.get("dataset") in names else names[0]
+    c = st.columns([1, 1, 1.4, 1.8, 1.3])
+    ds = c[0].selectbox("Dataset", names, index=names.index(default_ds), key="g_dataset")
+    man = get_manifest(ds)
+    split = c[1].selectbox("Split", ["test", "val", "train", "all"], key="g_split",
+                           help="Test images were never seen in training.")
+    groups = ["all"] + sorted(man["group"].dropna().unique().tolist())
+    group = c[2].selectbox("Group (level 2)", groups, key=f"g_group_{ds}")
+    sub = man if group == "all" else man[man["group"] == group]
+    classes = ["all"] + sorted(sub["class"].unique().tolist())
+    cls = c[3].selectbox("Class", classes, key=f"g_class_{ds}_{group}")
+    order = c[4].selectbox("Show", ORDERS, key="g_order")
+    if cls != "all":
+        sub = sub[sub["class"] == cls]
+    if order != "random" and split != "test":
+        st.caption(f"“{order}” looks at the test split (predictions over it are computed once and cached).")
+        split = "test"
+    if split != "all":
+        sub = sub[sub["split"] == split]
+    if sub.empty:
+        st.info("No image matches these filters.")
+        return _current_selection(model)
+
+    seed = st.session_state.get("g_seed", 0)
+    captions = {}
+    if order == "random":
+        shown = sub.sample(n=min(12, len(sub)), random_state=seed)
+    else:
+        preds = _subset_predictions(manifest.get("name"), manifest.get("sha256"), ds, tuple(sub["relpath"]))
+        sub = sub.merge(preds, on="relpath")
+        if order == "misclassified only":
+            if not sub["class"].isin(model.class_names[model.levels[-1]]).any():
+                st.info("These images' classes are not in the model's taxonomy, so there is no misclassification to show.")
+                return _current_selection(model)
+            sub = sub[sub["class"] != sub["predicted"]]
+            st.caption(f"{len(sub):,} misclassified test images" + (f" of {len(preds):,}" if len(preds) else ""))
+            shown = sub.sample(n=min(12, len(sub)), random_state=seed) if len(sub) else sub
+        else:
+            shown = sub.nsmallest(12, "confidence")
+            st.caption(f"The 12 test images (of {len(sub):,}) where the model's top class has the lowest probability.")
+        captions = {r: f"→ {_short(p)} ({c:.0%})" for r, p, c in zip(shown["relpath"], shown["predicted"], shown["confidence"])}
+    if shown.empty:
+        st.info("No image matches these filters.")
+        return _current_selection(model)
+    sel = st.session_state.get(SEL_KEY)
+    if sel is None or not st.session_state.get(LINK_KEY):
+        sel = (ds, shown.iloc[0]["relpath"])
+        st.session_state[SEL_KEY] = sel
+    cols = st.columns(12)
+    for i, (rel, name) in enumerate(zip(shown["relpath"], shown["class"])):
+        with cols[i % 12]:
+            th = _thumb(ds, rel)
+            if th is None:
+                st.caption("unreadable")
+            else:
+                st.image(th, width="stretch")
+            st.button("Explain", key=f"pick_{i}", on_click=_select, args=(ds, rel), width="stretch",
+                      type="primary" if sel == (ds, rel) else "secondary", help=f"{name} · {rel}")
+            st.caption(_short(name) + (f"  \n{captions[rel]}" if rel in captions else ""))
+    st.button("Shuffle", icon=":material/shuffle:", key="g_shuffle", on_click=_shuffle)
+    return _current_selection(model)
+
+
+def _current_selection(model) -> Loaded | None:
+    sel = st.session_state.get(SEL_KEY)
+    return _load_dataset_image(model, *sel) if sel else None
+
+
+def _uploads(model) -> Loaded | None:
+    """Upload one or several images; bad files get a message each, the others still work."""
+    files = st.file_uploader("Images (PNG, JPEG, TIFF, BMP)", type=UPLOAD_TYPES, accept_multiple_files=True,
+                             key="uploads", help="Background (dark-field or shadowgraph) is detected from the border.")
+    if not files:
+        st.info("Upload one or more plankton images to classify them.")
+        return None
+    good: list[Loaded] = []
+    for f in files:
+        try:
+            fg, dec, _ = load_for_model(f.getvalue(), model.preprocessing["size"], mode="L")
+        except ImageDecodeError as e:
+            st.error(f"**{f.name}**: {e.message}", icon=":material/broken_image:")
+            continue
+        except Exception as e:  # noqa: BLE001 - any decoder surprise is still a bad upload
+            log.exception("upload %s", f.name)
+            st.error(f"**{f.name}** could not be read as an image ({type(e).__name__}).", icon=":material/broken_image:")
+            continue
+        disp = fit_square(dec.image, DISPLAY_PX, estimate_background(dec.image)).convert("RGB")
+        good.append(Loaded(_key(fg), f.name, fg, disp, dec.notes))
+    if not good:
+        return None
+    if len(good) > 1:
+        with st.spinner("Classifying uploads…"):
+            probs = predict_arrays(model, np.stack([g.fg for g in good]))
+        leaf = model.levels[-1]
+        table = pd.DataFrame({"image": [g.label for g in good],
+                              "predicted class": [model.class_names[leaf][i] for i in probs[leaf].argmax(1)],
+                              "probability": probs[leaf].max(1)})
+        st.dataframe(table, hide_index=True, width="stretch",
+                     column_config={"probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent")})
+        i = st.selectbox("Explain", range(len(good)), format_func=lambda k: good[k].label, key="upload_pick")
+        return good[i]
+    return good[0]
+
+
+# --- layout pieces ---------------------------------------------------------------------------
+def _bars(level: str, pred: Prediction, truth: str | None) -> go.Figure:
+    items = pred.topk[level][::-1]
+    colors = [ORANGE if n == truth else (BLUE if n == pred.path[level] else GREY) for n, _ in items]
+    fig = go.Figure(go.Bar(x=[p for _, p in items], y=[_short(n, 24) for n, _ in items], orientation="h", marker_color=colors,
+                           customdata=[n for n, _ in items],
+                           text=[f"{p:.0%}" for _, p in items], textposition="auto",
+                           hovertemplate="%{customdata}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(height=210, margin=dict(l=4, r=4, t=4, b=4), xaxis=dict(range=[0, 1], tickformat=".0%"),
+                      yaxis=dict(automargin=True), showlegend=False)
+    return fig
+
+
+def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, heldout: list[str]) -> None:
+    left, right = st.columns([1, 2.4])
+    with left:
+        st.image(img.display, caption=img.label, width="stretch")
+        if img.notes:
+            st.caption("Decoding: " + "; ".join(img.notes))
+    with right:
+        leaf = model.levels[-1]
+        m = st.columns([2.2, 1, 2.2])
+        with m[0]:
+            st.caption("Predicted class")
+            st.markdown(f"#### {pred.path[leaf]}")
+        m[1].metric("Probability", f"{pred.topk[leaf][0][1]:.1%}")
+        with m[2]:
+            st.caption("Ground truth")
+            if truth_path:
+                ok = truth_path[leaf] == pred.path[leaf]
+                st.markdown(f"#### {truth_path[leaf]}")
+                st.markdown(":green-badge[:material/check: correct]" if ok else ":red-badge[:material/close: misclassified]")
+            elif img.truth:
+                st.markdown(f"#### {img.truth}")
+                st.markdown(":gray-badge[not in the model's taxonomy]")
+            else:
+                st.markdown("#### —")
+                st.markdown(":gray-badge[unknown (uploaded image)]")
+        steps = []
+        for lvl in model.levels:
+            p = dict(pred.topk[lvl])[pred.path[lvl]]
+            mark = ""
+            if truth_path:
+                mark = " ✓" if truth_path[lvl] == pred.path[lvl] else f" ✗ (truth: {truth_path[lvl]})"
+            flag = " ⚠" if lvl in pred.contradictions else ""
+            steps.append(f"**{lvl}**: {pred.path[lvl]} ({p:.0%}){flag}{mark}")
+        st.markdown("  \n".join(steps))
+        for lvl, msg in pred.contradictions.items():
+            st.warning(f"Hierarchy contradiction at **{lvl}**: {msg}.", icon=":material/warning:")
+        if img.truth and img.truth in heldout:
+            st.info(f"{img.truth!r} was held out of this model's training: it has never seen this class.")
+    cols = st.columns(len(model.levels))
+    truth_path = truth_path or {}
+    for col, lvl in zip(cols, model.levels):
+        col.markdown(f"**{lvl}**" + (" ⚠" if lvl in pred.contradictions else ""))
+        col.plotly_chart(_bars(lvl, pred, truth_path.get(lvl)), width="stretch", key=f"bars_{lvl}",
+                         config={"displayModeBar": False})
+    st.caption("Blue: predicted · orange: ground truth · ⚠: the level's top class is not a child of the level above's.")
+
+
+def _badge(f: dict) -> str:
+    """A coloured verdict badge with the deletion / insertion AUCs and the random-order AUC."""
+    color = {"faithful": "green", "partial": "orange"}.get(f["verdict"], "red")
+    return (f":{color}-badge[{f['verdict']}] deletion AUC **{f['deletion_auc']:.3f}** · insertion AUC "
+            f"**{f['insertion_auc']:.3f}** · random order {f['random_auc']:.3f}")
+
+
+def _curve_fig(f: dict) -> go.Figure:
+    fig = go.Figure()
+    fig.add_scatter(x=f["fractions"], y=f["deletion"], name="deletion", line=dict(color=BLUE))
+    fig.add_scatter(x=f["fractions"], y=f["insertion"], name="insertion", line=dict(color=ORANGE, dash="dash"))
+    fig.add_hline(y=float(f["random_auc"]), line=dict(color="grey", dash="dot"), annotation_text="random-order AUC")
+    fig.update_layout(height=230, margin=dict(l=4, r=4, t=24, b=4), xaxis_title="fraction of pixels removed / added",
+                      yaxis_title="probability", legend=dict(orientation="h", y=1.15), yaxis=dict(rangemode="tozero"))
+    return fig
+
+
+def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict, truth_path: dict | None) -> None:
+    st.subheader("Why? Saliency maps")
+    c = st.columns([2.7, 1.5, 2, 2])
+    level = c[0].radio("Level", list(model.levels), index=len(model.levels) - 1, horizontal=True, key="level")
+    method = c[1].selectbox("Method", list(METHODS), format_func=METHODS.get, key="method")
+    order = list(np.argsort(-pred.probs[level]))
+    names = model.class_names[level]
+    opts = [names[i] for i in order]
+    fmt = {n: f"{n} ({pred.probs[level][names.index(n)]:.1%})" for n in opts}
+    target = c[2].selectbox("Explain class", opts, format_func=fmt.get, key=f"target_{img.key}_{level}",
+                            help="The predicted class by default; pick another to see what supports it.")
+    other = c[3].selectbox("…rather than", ["—"] + [n for n in opts if n != target], format_func=lambda n: fmt.get(n, "— (no contrast)"),
+                           key=f"contrast_{img.key}_{level}", help="“Why A rather than B”: map(A) − map(B), red favours A.")
+    c2 = st.columns([2.7, 1.5, 2, 2])
+    alpha = c2[0].slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="alpha")
+    cmap = c2[1].selectbox("Colormap", export.SEQUENTIAL_CMAPS, key="cmap", help="Colour-blind-safe colormaps.")
+    signed = c2[2].toggle("Signed map", value=is_signed(method), key=f"signed_{method}",
+                          help="Red = evidence for the class, blue = against. Integrated Gradients and Occlusion are "
+                               "signed by nature; Saliency, SmoothGrad and GradCAM are usually shown as magnitudes.")
+    with st.spinner(f"Computing {METHODS[method]}…"):
+        amap, delta = _attr(mkey, img.key, level, target, method, signed, model, x)
+        shown, shown_signed, title = amap, is_signed(method, signed), f"{METHODS[method]} · {level}: {target}"
+        if other != "—":
+            shown = _contrast(mkey, img.key, level, target, other, method, model, x)
+            shown_signed, title = True, f"{METHODS[method]} · {level}: {target} rather than {other}"
+        grid_targets = {lvl: (target if lvl == level else pred.path[lvl]) for lvl in model.levels}
+        refs = _references(mkey, img.key, tuple(grid_targets.items()), model, x)
+        faith = _faith(mkey, img.key, level, target, _key(shown.astype(np.float32)), refs[level], model, x, shown)
+    over = export.overlay(img.display, shown, alpha, shown_signed, cmap)
+    a, b, d = st.columns([1, 1, 1.35])
+    a.image(img.display, caption="image", width="stretch")
+    b.image(over, caption=title, width="stretch")
+    b.caption(":red[red] = evidence for, :blue[blue] = evidence against" if shown_signed
+              else f"{cmap}: brighter = more important")
+    with d:
+        st.markdown(_badge(faith))
+        st.plotly_chart(_curve_fig(faith), width="stretch", key="curves", config={"displayModeBar": False})
+        if delta is not None:
+            total = abs(float(amap.sum())) or 1.0
+            st.caption(f"Integrated Gradients completeness gap (|Σ attributions − logit change|): {delta:.3f}, "
+                       f"{delta / total:.1%} of Σ attributions (shrinks with more steps).")
+    with st.expander("Sanity check: does the map depend on what the model learned? (Adebayo et al. 2018)"):
+        st.caption("Randomises the weights from the output heads downwards and measures how similar the map stays "
+                   "(Spearman rank correlation and SSIM of |map|). A faithful method's map should change a lot.")
+        skey = "|".join(("sanity", mkey, img.key, level, target, method))
+        if st.button("Run model-randomisation check", key="sanity_btn"):
+            with st.spinner("Randomising layers and recomputing the map…"):
+                st.session_state[skey] = randomisation_check(model, x, level, target, method)
+        if skey in st.session_state:
+            res = pd.DataFrame(st.session_state[skey])
+            st.dataframe(res, hide_index=True, width="stretch")
+            first = res.iloc[0]["spearman"]
+            (st.success if abs(first) < 0.5 else st.warning)(
+                f"After randomising the heads the map's rank correlation with the original is {first:.2f}: "
+                + ("it depends on the learned weights." if abs(first) < 0.5 else "it changes little — treat it with care."))
+
+    st.subheader(f"{METHODS[method]} at every level")
+    gcols = st.columns(len(model.levels))
+    grid = []
+    for col, lvl in zip(gcols, model.levels):
+        with st.spinner(f"{lvl}…"):
+            m_, _ = _attr(mkey, img.key, lvl, grid_targets[lvl], method, signed, model, x)
+            f_ = _faith(mkey, img.key, lvl, grid_targets[lvl], _key(m_.astype(np.float32)), refs[lvl], model, x, m_)
+        ov = export.overlay(img.display, m_, alpha, is_signed(method, signed), cmap)
+        grid.append((f"{lvl}: {grid_targets[lvl]}", ov, f_))
+        col.image(ov, caption=f"{lvl}: {grid_targets[lvl]} ({pred.probs[lvl][model.class_names[lvl].index(grid_targets[lvl])]:.0%})",
+                  width="stretch")
+        col.markdown(_badge(f_))
+
+    st.subheader("Export")
+    record = {
+        "image": img.link or img.label, "model": {"name": manifest.get("name"), "sha256": manifest.get("sha256"), "arch": manifest.get("arch")},
+        "prediction": pred.to_dict(), "ground_truth": truth_path,
+        "explanation": {"method": method, "level": level, "target": target, "rather_than": None if other == "—" else other,
+                        "signed": shown_signed, "ig_convergence_delta": delta,
+                        "faithfulness": {k: v for k, v in faith.items() if isinstance(v, (str, float, int))}},
+        "levels": {t: {k: v for k, v in f.items() if isinstance(v, (str, float, int))} for t, _, f in grid},
+        "sanity_check": st.session_state.get("|".join(("sanity", mkey, img.key, level, target, method))),
+    }
+    stem = (img.link or img.label).replace("/", "_").replace(":", "_").rsplit(".", 1)[0]
+    e = st.columns([1, 1, 3])
+    e[0].download_button(
+        "Panel (PNG)", icon=":material/image:", file_name=f"{stem}_{method}.png", mime="image/png", key="dl_png",
+        data=lambda: export.panel_png(img.display, [(title, over)] + [(t, o) for t, o, _ in grid], f"{img.label} — {manifest.get('name')}",
+                                      pred.to_dict(), truth_path, notes=[f"{title}: {faith['verdict']} (deletion AUC {faith['deletion_auc']:.3f}, "
+                                             f"insertion AUC {faith['insertion_auc']:.3f}, random order {faith['random_auc']:.3f})"]))
+    e[1].download_button("Scores (JSON)", icon=":material/data_object:", file_name=f"{stem}_{method}.json",
+                         mime="application/json", key="dl_json", data=export.explanation_json(record))
+    if img.link:
+        e[2].caption(f"Link to this image: `?image={img.link}`")
+
+
+# --- page ------------------------------------------------------------------------------------
+def main() -> None:
+    st.title("Classify & explain")
+    st.caption("The model's prediction at every taxonomic level, and which pixels drove it.")
+    loaded = current_model()
+    if loaded is None:
+        return
+    model, manifest = loaded
+    model.eval()
+    mkey = f"{manifest.get('name')}:{manifest.get('sha256')}"
+
+    link = st.query_params.get("image")
+    if link and link != st.session_state.get(LINK_KEY):
+        problem = _link_problem(link)
+        if problem:
+            st.error(problem, icon=":material/link_off:")
+            del st.query_params["image"]
+        else:
+            st.session_state[SEL_KEY] = _parse_link(link)
+            st.session_state[LINK_KEY] = link
+            st.session_state["source"] = "Dataset gallery"
+
+    source = st.radio("Image source", ["Dataset gallery", "Upload images"], horizontal=True, key="source",
+                      label_visibility="collapsed")
+    if source == "Dataset gallery":
+        with st.container(border=True):
+            img = _gallery(model, manifest)
+    else:
+        if "image" in st.query_params:
+            del st.query_params["image"]
+        st.session_state[LINK_KEY] = None
+        img = _uploads(model)
+    if img is None:
+        return
+
+    x = images_to_tensor(img.fg)
+    pred = predict(model, x, k=5)
+    truth_path = ground_truth_path(model, img.truth)
+    st.header(img.label.rsplit("/", 1)[-1] if img.link else img.label, divider="gray")
+    _predictions(model, img, pred, truth_path, list(manifest.get("heldout") or []))
+    _explain(model, mkey, img, x, pred, manifest, truth_path)
+
+
+try:
+    main()
+except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
+    log.exception("classify page failed")
+    st.error(f"Something went wrong while explaining this image ({type(e).__name__}: {e}). "
+             "The rest of the app still works; try another image or method.")

@@ -1,0 +1,335 @@
+"""CLIP explanations: the text prompts that match a plankton image, its zero-shot names, its
+anomaly score, "why A rather than B" in words, and any prompt you type with its saliency map.
+
+Images come from the dataset (test split), from an upload, or from a deep link
+``?image=<dataset>:<relative path>``. All computation is in ``explain/clip.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from PIL import Image
+
+from data.decode import ImageDecodeError, fit_square, load_for_model
+from data.manifest import decoded_array
+from explain import clip as xc
+from explain.export import overlay
+from models.checkpoint import CheckpointError
+from models.zoo import list_models
+from pages.common import get_manifest, get_sources
+
+CLIP_KEY = "clip_model_name"
+DISPLAY_PX = 256
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
+BLUE, ORANGE, GREY = "#0072B2", "#E69F00", "#999999"  # Okabe-Ito: colour-blind safe
+KIND_LABELS = {"taxonomy": "taxonomy path", "morphology": "morphology", "non-living": "non-living"}
+
+
+@dataclass
+class Picked:
+    key: str
+    label: str
+    fg: np.ndarray
+    display: Image.Image
+    truth: str | None = None
+
+
+# --- cached resources --------------------------------------------------------------------------
+@st.cache_data(ttl=60, show_spinner=False)
+def clip_models() -> list[dict]:
+    return [m for m in list_models() if m.get("kind") == "clip" and "error" not in m]
+
+
+@st.cache_resource(show_spinner="Loading the CLIP model…")
+def get_clip(name: str, path: str):
+    """A zoo CLIP model (``path`` keys the cache so a retrained model is reloaded)."""
+    return xc.load_clip(name)
+
+
+@st.cache_resource(show_spinner="Embedding known images for the anomaly score (once per model)…")
+def get_scorer(name: str, path: str, dataset: str) -> xc.AnomalyScorer | None:
+    """Anomaly scorer with a gallery of 12 training and 6 validation images per known class."""
+    pc, _ = get_clip(name, path)
+    if dataset not in get_sources():
+        return None
+    man = get_manifest(dataset)
+    known = [c for c in pc.taxonomy.classes if c not in pc.heldout]
+    src = get_sources()[dataset]
+    rows = {s: xc.gallery_rows(man, per_class=n, split=s, classes=known) for s, n in (("train", 12), ("val", 6))}
+    if any(r.empty for r in rows.values()):
+        return None
+    feats = {s: pc.image_features(np.asarray(decoded_array(src, r, pc.size, progress=False))) for s, r in rows.items()}
+    return xc.AnomalyScorer.fit(pc, feats["train"], known, feats["val"])
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _ranked(model_key: str, image_key: str, _pc, _fg) -> pd.DataFrame:
+    return xc.rank_prompts(_pc, _fg)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _classes(model_key: str, image_key: str, _pc, _fg) -> pd.DataFrame:
+    return xc.class_scores(_pc, _fg)
+
+
+@st.cache_data(show_spinner="Computing the saliency map…", max_entries=256)
+def _saliency(model_key: str, image_key: str, prompt: str, method: str, _pc, _fg) -> np.ndarray:
+    return xc.prompt_saliency(_pc, _fg, prompt, method)
+
+
+def _key(fg: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(fg).tobytes()).hexdigest()[:16]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+# --- image choice ------------------------------------------------------------------------------
+def _from_dataset(pc, dataset: str, relpath: str) -> Picked | None:
+    sources = get_sources()
+    if dataset not in sources:
+        st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
+        return None
+    man = get_manifest(dataset)
+    row = man.loc[man["relpath"] == relpath]
+    if row.empty:
+        st.error(f"There is no image {relpath!r} in the {dataset} dataset.")
+        return None
+    src = sources[dataset]
+    try:
+        fg, dec, _ = load_for_model(src.read_bytes(relpath), pc.size, mode=src.mode, background=src.background)
+    except (ImageDecodeError, FileNotFoundError) as e:
+        st.error(f"{relpath}: {getattr(e, 'message', e)}")
+        return None
+    disp = fit_square(dec.image, DISPLAY_PX, src.background).convert("RGB")
+    return Picked(_key(fg), f"{dataset}:{relpath}", fg, disp, str(row.iloc[0]["class"]))
+
+
+def _from_upload(pc) -> Picked | None:
+    up = st.file_uploader("Image (PNG, JPEG, TIFF, BMP)", type=UPLOAD_TYPES, key="clip_upload")
+    if up is None:
+        st.info("Upload a plankton image to explain it.")
+        return None
+    try:
+        fg, dec, square = load_for_model(up.getvalue(), pc.size, mode="L", background=None)
+    except ImageDecodeError as e:
+        st.error(f"{up.name}: {e.message}")
+        return None
+    disp = square.convert("RGB").resize((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BICUBIC)
+    for note in dec.notes:
+        st.caption(f"Note: {note}.")
+    return Picked(_key(fg), up.name, fg, disp)
+
+
+def _pick(pc, man: dict) -> Picked | None:
+    link = st.query_params.get("image")
+    if link and st.session_state.get("clip_link_done") != link:
+        ds, sep, rel = link.partition(":")
+        if not (sep and ds and rel):
+            st.error(f"The link's image {link!r} is not of the form <dataset>:<relative path>.")
+        else:
+            st.session_state["clip_link_done"] = link
+            st.session_state["clip_source"] = "Dataset image"
+            st.session_state["clip_linked"] = (ds, rel)
+    source = st.radio("Image", ["Dataset image", "Upload an image"], horizontal=True, key="clip_source")
+    if source == "Upload an image":
+        st.session_state.pop("clip_linked", None)
+        return _from_upload(pc)
+    sources = get_sources()
+    dataset = man.get("dataset", "ndsb")
+    if dataset not in sources:
+        st.warning(f"The {dataset} dataset is not available here; upload an image instead.")
+        return None
+    linked = st.session_state.get("clip_linked")
+    if linked:
+        picked = _from_dataset(pc, *linked)
+        if st.button("Choose another image", key="clip_unlink"):
+            st.session_state.pop("clip_linked", None)
+            if "image" in st.query_params:
+                del st.query_params["image"]
+            st.rerun()
+        return picked
+    rows = get_manifest(dataset)
+    test = rows[rows["split"] == "test"]
+    classes = sorted(test["class"].unique())
+    held = set(pc.heldout)
+    c1, c2 = st.columns([3, 1])
+    cls = c1.selectbox("Class (test images, never used in training)", classes, key="clip_class",
+                       format_func=lambda c: f"{c}  — held out of CLIP training" if c in held else c)
+    sub = test[test["class"] == cls].sort_values("relpath")
+    i = c2.number_input(f"Image (1–{len(sub)})", 1, max(1, len(sub)), 1, key=f"clip_idx_{cls}") - 1
+    return _from_dataset(pc, dataset, sub.iloc[int(i)]["relpath"])
+
+
+# --- sections -----------------------------------------------------------------------------------
+def _contrast_chart(df: pd.DataFrame, a: str, b: str) -> go.Figure:
+    colours = [BLUE if f == a else ORANGE if f == b else GREY for f in df["favours"]]
+    fig = go.Figure(go.Bar(x=df["contribution"], y=df["prompt"], orientation="h", marker_color=colours,
+                           hovertemplate="%{y}<br>contribution %{x:.4f}<extra></extra>"))
+    fig.update_layout(height=max(260, 26 * len(df)), margin=dict(l=10, r=10, t=10, b=30),
+                      yaxis=dict(autorange="reversed"), xaxis_title=f"← favours {b}   |   favours {a} →")
+    return fig
+
+
+def _ranked_section(pc, img: Picked, mkey: str) -> None:
+    ranked = _ranked(mkey, img.key, pc, img.fg)
+    c1, c2 = st.columns([3, 1])
+    kinds = c1.multiselect("Prompt kinds", list(KIND_LABELS), default=list(KIND_LABELS), key="clip_kinds",
+                           format_func=KIND_LABELS.get)
+    top = c2.slider("Show", 5, 60, 15, key="clip_top")
+    shown = ranked[ranked["kind"].isin(kinds)].head(top) if kinds else ranked.head(0)
+    if shown.empty:
+        st.info("Choose at least one kind of prompt.")
+        return
+    st.dataframe(shown[["rank", "prompt", "kind", "taxon", "similarity"]], hide_index=True, width="stretch",
+                 column_config={"similarity": st.column_config.ProgressColumn(
+                     "similarity", format="%.3f", min_value=float(min(0.0, ranked["similarity"].min())),
+                     max_value=float(max(ranked["similarity"].max(), 1e-6))),
+                     "rank": st.column_config.NumberColumn("rank", help=f"among all {len(ranked)} prompts")})
+    st.caption(f"Cosine similarity between the image and each of the {len(ranked)} prompts (taxonomy paths of every "
+               "taxon, curated morphological descriptors of living taxa, descriptors of non-living particles).")
+
+
+def _contrast_section(pc, img: Picked, scores: pd.DataFrame) -> None:
+    classes = scores["class"].tolist()
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("Why A…", classes, index=0, key=f"clip_a_{img.key}")
+    b = c2.selectbox("…rather than B", classes, index=1 if len(classes) > 1 else 0, key=f"clip_b_{img.key}")
+    if a == b:
+        st.info("Choose two different classes.")
+        return
+    df, gap = xc.contrast_prompts(pc, img.fg, a, b)
+    st.metric("score(A) − score(B)", f"{gap:+.4f}",
+              help="Difference of the cosine similarities of the image to the two classes' prompt ensembles; "
+                   "the bars below add up to it exactly.")
+    n = st.slider("Prompts shown on each side", 3, 15, 6, key="clip_contrast_n")
+    show = pd.concat([df.head(n), df.tail(n)]).drop_duplicates("prompt")
+    st.plotly_chart(_contrast_chart(show, a, b), width="stretch", key="clip_contrast", config={"displayModeBar": False})
+    st.caption(f"Blue: prompts of {a} (they raise A's score by how well the image matches them); orange: prompts of "
+               f"{b}; grey: prompts both share (their effect nearly cancels).")
+
+
+def _prompt_section(pc, img: Picked, mkey: str) -> None:
+    text = st.text_input("Type any prompt", "transparent body with long thin spines", key="clip_prompt", max_chars=xc.MAX_PROMPT_CHARS)
+    try:
+        res = xc.prompt_score(pc, img.fg, text)
+    except xc.PromptError as e:
+        st.info(str(e))
+        return
+    c = st.columns(3)
+    c[0].metric("similarity", f"{res['similarity']:.3f}")
+    c[1].metric("rank among the prompt bank", f"{res['rank']} of {res['of']}")
+    c[2].metric("percentile", f"{res['percentile']:.0f}")
+    if res["truncated"]:
+        st.warning(f"The prompt has {res['tokens']} tokens; the model reads only the first {res['context_length']}.")
+    method = st.radio("Saliency method", list(xc.SALIENCY_METHODS), format_func=xc.SALIENCY_METHODS.get,
+                      horizontal=True, key="clip_sal_method")
+    try:
+        sal = _saliency(mkey, img.key, res["prompt"], method, pc, img.fg)
+    except KeyError as e:
+        st.info(str(e).strip("'\""))
+        return
+    signed = method == "integrated_gradients"
+    c1, c2 = st.columns(2)
+    c1.image(img.display, caption="image", width="stretch")
+    c2.image(overlay(img.display, sal, alpha=0.7, signed=signed), caption=f"{xc.SALIENCY_METHODS[method]} for “{res['prompt']}”",
+             width="stretch")
+    st.caption("Red: pixels that raise the image's similarity to the prompt; blue: pixels that lower it "
+               "(Integrated Gradients from an empty background)." if signed else
+               "Bright: regions of the last convolutional stage that raise the similarity to the prompt (GradCAM).")
+
+
+def _model_section(man: dict) -> None:
+    st.markdown(f"**{man['name']}** — open_clip model `{man.get('open_clip_model')}`, "
+                f"{(man.get('parameters') or 0) / 1e6:.1f} M parameters"
+                + (f", trained in {man['train_time_s'] / 60:.1f} min" if man.get("train_time_s") else "") + ".")
+    if man.get("command"):
+        st.code(man["command"], language="bash")
+    met = man.get("metrics", {})
+    z = met.get("zero_shot")
+    if z:
+        st.markdown(f"**Zero-shot identification** of the test images of the {z['n_heldout_names']} held-out classes "
+                    "(never seen in training), by their prompts:")
+        st.dataframe(xc.zero_shot_table(z), hide_index=True, column_config={
+            c: st.column_config.NumberColumn(c, format="%.1f %%") for c in xc.zero_shot_table(z).columns[1:]})
+        st.caption(f"Parent-level ({z.get('parent_level', 'subgroup')}) accuracy of the top-1 among all names: "
+                   f"{_pct(z['parent_accuracy'])}; group level: {_pct(z.get('group_accuracy', float('nan')))}. "
+                   f"Chance top-1 among the held-out names: {_pct(z['chance_top1_heldout'])}.")
+    test = met.get("test")
+    if test:
+        st.markdown("**As a classifier** over all names (test split), accuracy per level: " + ", ".join(
+            f"{lvl} {_pct(v['accuracy'])}" for lvl, v in test["levels"].items()))
+    bench = xc.stored_benchmark(man.get("sha256"))
+    if bench:
+        st.markdown("**Anomaly detection** (AUROC against the known classes' test images):")
+        st.dataframe(pd.DataFrame([{"anomaly set": xc.SET_LABELS.get(s, s), "images": v["n"], "AUROC": 100 * v["auroc"],
+                                    "MCM": 100 * v["auroc_mcm"], "kNN": 100 * v["auroc_knn"]} for s, v in bench["anomaly"].items()]),
+                     hide_index=True, column_config={c: st.column_config.NumberColumn(c, format="%.1f %%") for c in ("AUROC", "MCM", "kNN")})
+    else:
+        st.caption("Anomaly AUROCs: run `python -m explain.clip benchmark` (results in docs/results.md).")
+
+
+# --- page ------------------------------------------------------------------------------------------
+st.title("CLIP explanations")
+st.caption("A CLIP-style model trained on plankton images and captions built from the taxonomy and from curated "
+           "morphological descriptors: it scores how well any text describes an image.")
+models = clip_models()
+if not models:
+    st.info("No CLIP model in the zoo yet. Train one (about 40 min on 2 CPU cores): "
+            "`python -m models.clip_train --minutes 40`.")
+    st.stop()
+names = [m["name"] for m in models]
+current = st.session_state.get(CLIP_KEY)
+default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
+name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
+                            help="CLIP models of the zoo (kind “clip”).")
+path = next(m["path"] for m in models if m["name"] == name)
+try:
+    pc, man = get_clip(name, path)
+except CheckpointError as e:
+    st.error(f"The CLIP model {name!r} could not be loaded: {e}")
+    st.stop()
+mkey = f"{name}:{str(man.get('sha256'))[:16]}"
+
+img = _pick(pc, man)
+if img is None:
+    st.stop()
+
+scores = _classes(mkey, img.key, pc, img.fg)
+left, right = st.columns([1, 2])
+with left:
+    st.image(img.display, caption=img.label, width="stretch")
+    if img.truth:
+        st.caption(f"True class: **{img.truth}**" + (" — held out of CLIP training: zero-shot." if img.truth in pc.heldout else "."))
+with right:
+    st.markdown("**Zero-shot names** (all classes, including those held out of training)")
+    top = scores.head(5).copy()
+    top["class"] = [c + ("  ★ held out" if h else "") for c, h in zip(top["class"], top["heldout"])]
+    st.dataframe(top[["class", "subgroup", "similarity", "probability"]], hide_index=True, width="stretch",
+                 column_config={"probability": st.column_config.ProgressColumn("probability", format="%.2f", min_value=0.0, max_value=1.0),
+                                "similarity": st.column_config.NumberColumn("similarity", format="%.3f")})
+    scorer = get_scorer(name, path, man.get("dataset", "ndsb"))
+    if scorer is not None:
+        s = scorer.score(img.fg[None])
+        pct = scorer.percentile(float(s["combined"][0]))
+        verdict = "unusual for this model" if pct >= 95 else "typical of known plankton"
+        st.metric("Anomaly score", f"{s['combined'][0]:+.2f}", help="Mean of the z-scored MCM (max concept matching over "
+                  "the known classes' prompts) and kNN (distance to the 10th nearest known image) scores.")
+        st.caption(f"Higher than {pct:.0f} % of known validation images: {verdict} "
+                   f"(MCM {s['mcm'][0]:.3f}, kNN distance {s['knn'][0]:.3f}).")
+
+tabs = st.tabs(["Ranked prompts", "Why A rather than B", "Your prompt", "Model & benchmarks"])
+with tabs[0]:
+    _ranked_section(pc, img, mkey)
+with tabs[1]:
+    _contrast_section(pc, img, scores)
+with tabs[2]:
+    _prompt_section(pc, img, mkey)
+with tabs[3]:
+    _model_section(man)

@@ -1,0 +1,149 @@
+"""The "Anomalies" page: AppTest runs (scores, levels, threshold, gallery selection) and a real
+browser session (the threshold slider moves, the gallery renders)."""
+from __future__ import annotations
+
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
+
+pytestmark = requires_data
+PAGE = "pages/anomalies.py"
+
+
+def _app():
+    from streamlit.testing.v1 import AppTest
+
+    from models.zoo import default_model_name
+
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=900)
+    at.run()
+    assert not at.exception, at.exception
+    return at.switch_page(PAGE).run()
+
+
+def _ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def _metric(at, prefix: str) -> str:
+    return next(m.value for m in at.metric if m.label.startswith(prefix))
+
+
+def _selected_text(at) -> str:
+    return next(m.value for m in at.markdown if "**Selected image**" in m.value)
+
+
+def test_page_scores_threshold_and_gallery():
+    at = _app()
+    _ok(at)
+    assert at.title[0].value == "Anomalies"
+    labels = [m.label for m in at.metric]
+    assert any(lbl.startswith("TPR") for lbl in labels) and any(lbl.startswith("AUROC") for lbl in labels)
+    assert _metric(at, "TPR") == "95.0%"  # the slider starts at the 95 %-TPR threshold
+    assert len(at.get("plotly_chart")) >= 3  # histogram + two logit bar charts
+    buttons = [b for b in at.button if b.key and b.key.startswith("ood_pick_")]
+    assert len(buttons) == 12
+
+    # Moving the threshold to the slider's minimum flags almost everything: TPR falls.
+    sl = at.slider[0]
+    sl.set_value(sl.min).run()
+    _ok(at)
+    assert float(_metric(at, "TPR").rstrip("%")) < 50.0
+
+    # Selecting a gallery image shows it beside the typical image.
+    first = _selected_text(at)
+    at.button(key="ood_pick_5").click().run()
+    _ok(at)
+    assert _selected_text(at) != first
+
+
+@pytest.mark.parametrize("score", ["entropy", "energy", "gen", "knn", "mahalanobis"])
+def test_every_score_runs(score):
+    at = _app()
+    at.selectbox(key="ood_score").set_value(score).run()
+    _ok(at)
+    assert _metric(at, "AUROC")
+    level_box = at.selectbox(key="ood_level")
+    assert level_box.disabled == (score in ("knn", "mahalanobis"))
+
+
+def test_levels_and_known_group_unknown_class():
+    at = _app()
+    levels = at.selectbox(key="ood_level").options
+    assert len(levels) >= 2
+    for lvl in levels[:-1]:
+        at.selectbox(key="ood_level").set_value(lvl).run()
+        _ok(at)
+    assert any(s.value == "Known group, unknown class" for s in at.subheader)
+    # Another OOD reference set changes the FPR label.
+    ref = at.selectbox(key="ood_ref")
+    other = [o for o in ref.options if o != ref.value][0]
+    ref.set_value(other).run()
+    _ok(at)
+    assert any(m.label == f"FPR ({other} kept)" for m in at.metric)
+
+
+def _assert_clean(pg, base: str) -> None:
+    """No Streamlit exception and no console error, except an offline sandbox's failed external
+    fetches and Streamlit's base-path probes (<page>/_stcore/health, host-config) on a deep URL."""
+    exc = pg.locator("[data-testid='stException']")
+    assert exc.count() == 0, exc.first.inner_text()[:2000]
+    host, bad = urlparse(base).netloc, []
+    for text, url in pg.console_log:
+        u = urlparse(url or "")
+        if (u.netloc and u.netloc != host) or (u.path.endswith(("/_stcore/health", "/_stcore/host-config")) and u.path.count("/") > 2):
+            continue
+        bad.append(f"{text} ({url})")
+    assert not bad, bad
+
+
+def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
+    from models.zoo import default_model_name
+
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
+    page = ctx.new_page()
+    page.console_log = []
+    page.on("console", lambda m: page.console_log.append((m.text, m.location.get("url"))) if m.type == "error" else None)
+    page.on("pageerror", lambda e: page.console_log.append((str(e), "")))
+    page.set_default_timeout(120_000)
+    page.goto(f"{streamlit_server}/anomalies", timeout=300_000)
+    page.wait_for_selector("text=Most anomalous images", timeout=900_000)
+    wait_for_app(page, 900_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')].filter(i => i.complete && i.naturalWidth > 0).length >= 12",
+        timeout=120_000)
+    assert page.locator("[data-testid='stButton'] button", has_text="Select").count() == 12
+    assert page.locator("a", has_text="Explain").count() >= 1
+    _assert_clean(page, streamlit_server)
+
+    tpr = page.locator("[data-testid='stMetric']", has_text="in-distribution kept").locator("[data-testid='stMetricValue']")
+    before = tpr.inner_text()
+    thumb = page.locator("[data-testid='stSlider'] [role='slider']").first
+    v0 = thumb.get_attribute("aria-valuenow")
+    thumb.focus()
+    for _ in range(40):
+        page.keyboard.press("ArrowLeft")
+    page.wait_for_function(f"() => document.querySelector(\"[data-testid='stSlider'] [role='slider']\").getAttribute('aria-valuenow') != {v0!r}",
+                           timeout=30_000)
+    page.wait_for_timeout(500)
+    wait_for_app(page, 120_000)
+    page.wait_for_function(
+        "(b) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')].find(e => e.innerText.includes('in-distribution kept'));"
+        " return m && m.querySelector('[data-testid=\"stMetricValue\"]').innerText !== b; }", arg=before, timeout=60_000)
+    assert float(tpr.inner_text().rstrip("%")) < float(before.rstrip("%"))
+    explain = page.locator("a", has_text="Explain").first.get_attribute("href")
+    assert explain and "classify?image=" in explain
+    page.screenshot(path=str(ARTIFACTS / "anomalies.png"), full_page=True)
+    _assert_clean(page, streamlit_server)
+    ctx.close()
+    print(f"browser session took {time.time() - t0:.1f} s")

@@ -1,0 +1,261 @@
+"""The "Classify & explain" page: AppTest runs (gallery, uploads incl. bad files, deep links,
+level / method / contrast switches) and a real browser session against ``streamlit run``."""
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
+
+pytestmark = requires_data
+PAGE = "pages/classify.py"
+
+
+def _app(query: dict | None = None):
+    from streamlit.testing.v1 import AppTest
+
+    from models.zoo import default_model_name
+
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)
+    at.run()
+    assert not at.exception, at.exception
+    if query:
+        at.query_params.update(query)
+    return at.switch_page(PAGE).run()
+
+
+def _ok(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def _texts(at) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [h.value for h in at.header]
+    return "\n".join(str(p) for p in parts)
+
+
+def _headline(at, label: str) -> str:
+    """The value shown under a caption ``label`` (predicted class, ground truth)."""
+    caps = [c.value for c in at.caption]
+    assert label in caps, caps
+    md = [m.value for m in at.markdown if m.value.startswith("#### ")]
+    return md[["Predicted class", "Ground truth"].index(label)][5:]
+
+
+def _png(im: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_home_page_runs():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300).run()
+    _ok(at)
+
+
+def test_gallery_pick_level_method_and_contrast(ndsb_manifest):
+    at = _app()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert _headline(at, "Predicted class")
+    assert "at every level" in "\n".join(s.value for s in at.subheader)
+    assert sum(1 for im in at.get("image") for c in im.captions if "Integrated Gradients" in c) == 1
+    first = at.header[0].value
+
+    # Gallery pick: the third thumbnail becomes the explained image and the deep link follows.
+    at.button(key="pick_2").click().run()
+    _ok(at)
+    link = at.query_params["image"]
+    ds, rel = link.split(":", 1)
+    assert ds == "ndsb" and at.header[0].value == Path(rel).name != first
+    truth = ndsb_manifest.loc[ndsb_manifest["relpath"] == rel, "class"].iloc[0]
+    assert _headline(at, "Ground truth") == truth
+
+    # Level switch: the target list becomes that level's names.
+    at.radio(key="level").set_value("group").run()
+    _ok(at)
+    target = next(s for s in at.selectbox if s.label == "Explain class")
+    from models.zoo import default_model_name, load_model
+
+    model, _ = load_model(default_model_name())
+    assert {o.rsplit(" (", 1)[0] for o in target.options} == set(model.class_names["group"])
+
+    # Method switch, then "why A rather than B".
+    for method in ("gradcam", "saliency"):
+        at.selectbox(key="method").set_value(method).run()
+        _ok(at)
+    target = next(s for s in at.selectbox if s.label == "Explain class")
+    b = next(n for n in model.class_names["group"] if n != target.value)
+    next(s for s in at.selectbox if s.label == "…rather than").set_value(b).run()
+    _ok(at)
+    assert any("rather than" in c for im in at.get("image") for c in im.captions)
+
+    # Sanity check on request.
+    at.button(key="sanity_btn").click().run()
+    _ok(at)
+    assert any("randomised" in df.value.columns for df in at.dataframe)
+    assert at.get("download_button") and len(at.get("download_button")) == 2
+
+
+def test_gallery_misclassified_and_least_confident():
+    at = _app()
+    at.selectbox(key="g_group_ndsb").set_value("molluscs").run()
+    _ok(at)
+    for order in ("misclassified only", "least confident"):
+        at.selectbox(key="g_order").set_value(order).run()
+        _ok(at)
+        assert "test images" in _texts(at)
+        assert any(c.value.startswith("→ ") or "\n→ " in c.value for c in at.caption) or at.info
+
+
+def test_deep_link_and_bad_links(ndsb_manifest):
+    row = ndsb_manifest[ndsb_manifest["split"] == "test"].iloc[7]
+    at = _app({"image": f"ndsb:{row['relpath']}"})
+    _ok(at)
+    assert at.header[0].value == Path(row["relpath"]).name
+    assert _headline(at, "Ground truth") == row["class"]
+
+    at = _app({"image": "ndsb:train/not_a_class/1.jpg"})
+    _ok(at)
+    assert any("no image at that path" in e.value for e in at.error)
+    assert _headline(at, "Predicted class")  # the page keeps working on a gallery image
+
+    at = _app({"image": "garbage"})
+    _ok(at)
+    assert any("not of the form" in e.value for e in at.error)
+
+
+def test_uploads_good_and_bad(ndsb_bytes):
+    good = ndsb_bytes[0]
+    cmyk = _png(Image.open(io.BytesIO(good)).convert("CMYK"), "JPEG")
+    sixteen = _png(Image.fromarray(np.asarray(Image.open(io.BytesIO(good)).convert("L")).astype(np.uint16) * 257))
+    bad = {
+        "corrupt.png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        "truncated.jpg": good[: len(good) // 2],
+        "empty.png": b"",
+        "notes.png": b"sample,count\ncopepod,3\n",
+        "huge.png": _png(Image.new("1", (7000, 7000))),
+    }
+    at = _app()
+    at.radio(key="source").set_value("Upload images").run()
+    _ok(at)
+    files = [("good.jpg", good, "image/jpeg"), ("cmyk.jpg", cmyk, "image/jpeg"), ("sixteen.png", sixteen, "image/png")]
+    files += [(n, b, "image/png") for n, b in bad.items()]
+    at.file_uploader(key="uploads").set_value(files).run()
+    _ok(at)
+    errors = "\n".join(e.value for e in at.error)
+    for name in bad:
+        assert name in errors, (name, errors)
+    assert "good.jpg" not in errors and "cmyk.jpg" not in errors and "sixteen.png" not in errors
+    table = at.dataframe[0].value
+    assert list(table["image"]) == ["good.jpg", "cmyk.jpg", "sixteen.png"]
+    assert _headline(at, "Predicted class")
+    at.selectbox(key="upload_pick").set_value(1).run()
+    _ok(at)
+    assert "CMYK converted to RGB" in _texts(at)
+    at.selectbox(key="upload_pick").set_value(2).run()
+    _ok(at)
+    assert "16-bit image scaled to 8-bit" in _texts(at)
+
+    # Only bad files: messages, no explanation, no exception.
+    at.file_uploader(key="uploads").set_value([("empty.png", b"", "image/png")]).run()
+    _ok(at)
+    assert any("empty" in e.value for e in at.error) and not at.metric
+
+
+# --- browser ---------------------------------------------------------------------------------
+def _console_problems(pg, base: str) -> list[str]:
+    """Console errors except an offline sandbox's failed external fetches (Google-hosted
+    material icons) and Streamlit's base-path probes (<page>/_stcore/health, host-config)."""
+    host = urlparse(base).netloc
+    out = []
+    for text, url in pg.console_log:
+        u = urlparse(url or "")
+        if u.netloc and u.netloc != host:
+            continue
+        if u.path.endswith(("/_stcore/health", "/_stcore/host-config")) and u.path.count("/") > 2:
+            continue
+        out.append(f"{text} ({url})")
+    return out
+
+
+def _watch(pg) -> None:
+    """Record console errors with their URL; generous timeouts for a loaded 2-core machine."""
+    pg.set_default_timeout(240_000)
+    pg.set_default_navigation_timeout(240_000)
+    pg.console_log = []
+    pg.on("console", lambda m: pg.console_log.append((m.text, m.location.get("url"))) if m.type == "error" else None)
+    pg.on("pageerror", lambda e: pg.console_log.append((str(e), "")))
+
+
+def _wait_explained(pg, timeout_ms: int = 240_000) -> None:
+    pg.wait_for_selector("text=Predicted class", timeout=timeout_ms)
+    pg.wait_for_selector("text=at every level", timeout=timeout_ms)
+    wait_for_app(pg, timeout_ms)
+    pg.wait_for_function("() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')].filter(i => i.complete && i.naturalWidth > 0).length >= 6",
+                         timeout=timeout_ms)
+
+
+def _screenshot(pg, name: str) -> None:
+    """The whole page: Streamlit scrolls inside its own container, so grow the viewport first."""
+    height = pg.evaluate("() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    pg.set_viewport_size({"width": 1500, "height": min(max(int(height) + 50, 1100), 6000)})
+    pg.wait_for_timeout(1000)
+    pg.screenshot(path=str(ARTIFACTS / name))
+
+
+def _assert_clean(pg, base: str) -> None:
+    exc = pg.locator("[data-testid='stException']")
+    assert exc.count() == 0, exc.first.inner_text()[:2000]
+    assert not _console_problems(pg, base), _console_problems(pg, base)
+
+
+def test_browser_gallery_pick_and_deep_link(streamlit_server, browser, ndsb_manifest):
+    if not os.environ.get("PLANKTON_LENS_ZOO") and not (REPO / "models" / "zoo").is_dir():
+        pytest.skip("no model in the zoo")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
+    pg = ctx.new_page()
+    _watch(pg)
+    t0 = time.time()
+    pg.goto(streamlit_server)
+    wait_for_app(pg, 120_000)
+    link = pg.locator("[data-testid='stSidebarNavLink']", has_text="Classify & explain")
+    link.wait_for(timeout=240_000)
+    link.dispatch_event("click")  # no actionability wait: a starved renderer can keep it "unstable" for long
+    _wait_explained(pg)
+    _assert_clean(pg, streamlit_server)
+    first = pg.locator("h2").first.inner_text()
+
+    # Pick the fourth gallery image.
+    pg.locator(".st-key-pick_3 button:visible").first.click()
+    pg.wait_for_function(f"() => document.querySelector('h2') && document.querySelector('h2').innerText != {first!r}",
+                         timeout=240_000)
+    _wait_explained(pg)
+    _screenshot(pg, "classify-gallery.png")
+    _assert_clean(pg, streamlit_server)
+    assert "image=ndsb" in pg.url
+    ctx.close()
+
+    # A deep link opened in a fresh tab shows that image.
+    row = ndsb_manifest[ndsb_manifest["split"] == "test"].iloc[11]
+    ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
+    pg = ctx.new_page()
+    _watch(pg)
+    pg.goto(f"{streamlit_server}/classify?image=ndsb:{row['relpath']}")
+    _wait_explained(pg)
+    assert pg.locator("h2").first.inner_text().strip() == Path(row["relpath"]).name
+    _screenshot(pg, "classify-deeplink.png")
+    _assert_clean(pg, streamlit_server)
+    ctx.close()
+    print(f"browser session took {time.time() - t0:.1f} s")

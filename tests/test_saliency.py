@@ -1,0 +1,217 @@
+"""The explain/ functions on a real zoo model and real NDSB test images."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from explain import export
+from explain.faithfulness import (cascade_groups, curves, faithfulness, map_similarity, random_reference, random_references,
+                                  randomisation_check)
+from explain.predict import contradictions, ground_truth_path, predict
+from explain.saliency import METHODS, attribute, attribute_all_levels, contrast, target_index
+
+#: leaf accuracy above which a model counts as trained for the faithfulness assertion.
+TRAINED_ACCURACY = 0.3
+
+
+@pytest.fixture(scope="module")
+def zoo_model():
+    from models.zoo import default_model_name, load_model
+
+    name = default_model_name()
+    if name is None:
+        pytest.skip("no model in the zoo")
+    model, manifest = load_model(name)
+    return model.eval(), manifest
+
+
+@pytest.fixture(scope="module")
+def images(ndsb, ndsb_manifest, zoo_model):
+    """Eight real test images of different classes: (x tensors, true classes)."""
+    from data.decode import load_for_model
+    from models.base import images_to_tensor
+
+    model, _ = zoo_model
+    rows = ndsb_manifest[ndsb_manifest["split"] == "test"].groupby("class").head(1).sample(8, random_state=3)
+    xs = []
+    for rel in rows["relpath"]:
+        fg, _, _ = load_for_model(ndsb.read_bytes(rel), model.preprocessing["size"], mode=ndsb.mode, background=ndsb.background)
+        xs.append(images_to_tensor(fg))
+    return xs, list(rows["class"])
+
+
+def test_predict_topk_path_and_flags(zoo_model, images):
+    model, _ = zoo_model
+    x = images[0][0]
+    p = predict(model, x, k=5)
+    assert p.levels == tuple(model.levels)
+    for lvl in model.levels:
+        probs = [q for _, q in p.topk[lvl]]
+        assert len(probs) == min(5, model.num_classes(lvl))
+        assert probs == sorted(probs, reverse=True)
+        assert abs(p.probs[lvl].sum() - 1) < 1e-4
+        assert p.path[lvl] == model.class_names[lvl][int(p.probs[lvl].argmax())]
+    assert set(p.contradictions) == set(contradictions(model, p.path))
+
+
+def test_contradiction_flags(zoo_model):
+    model, _ = zoo_model
+    leaf = model.levels[-1]
+    cls = model.class_names[leaf][0]
+    consistent = model.taxonomy.path(cls)
+    assert contradictions(model, consistent) == {}
+    assert ground_truth_path(model, cls) == consistent
+    assert ground_truth_path(model, "no such class") is None
+    other = next(c for c in model.class_names[leaf] if model.taxonomy.path(c)[model.levels[-2]] != consistent[model.levels[-2]])
+    broken = {**consistent, leaf: other}
+    flags = contradictions(model, broken)
+    assert list(flags) == [leaf] and other in flags[leaf]
+
+
+def test_integrated_gradients_completeness(zoo_model, images):
+    """Attributions sum to f(x) − f(baseline) (Sundararajan et al. 2017), within 3 % with 256
+    steps, and the returned convergence delta is that gap."""
+    model, _ = zoo_model
+    for x in images[0][:2]:
+        for lvl in (model.levels[0], model.levels[-1]):
+            t = target_index(model, lvl, None, x)
+            attr, delta = attribute(model, x, lvl, t, "integrated_gradients", n_steps=256, return_delta=True)
+            with torch.no_grad():
+                diff = float(model(x)[lvl][0, t] - model(torch.zeros_like(x))[lvl][0, t])
+            gap = abs(float(attr.sum()) - diff)
+            assert gap <= 0.03 * abs(diff) + 1e-3, (lvl, attr.sum(), diff)
+            assert delta == pytest.approx(gap, rel=0.05, abs=1e-4)
+
+
+def test_gradcam_shape_and_non_negative(zoo_model, images):
+    model, _ = zoo_model
+    x = images[0][1]
+    for lvl in model.levels:
+        cam = attribute(model, x, lvl, None, "gradcam")
+        assert cam.shape == tuple(x.shape[-2:]) and cam.dtype == np.float32
+        assert np.isfinite(cam).all() and (cam >= 0).all()
+    signed = attribute(model, x, model.levels[-1], None, "gradcam", signed=True)
+    assert signed.shape == cam.shape
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_gives_a_finite_map(zoo_model, images, method):
+    model, _ = zoo_model
+    x = images[0][2]
+    a = attribute(model, x, model.levels[-1], None, method)
+    assert a.shape == (64, 64) and np.isfinite(a).all() and np.abs(a).max() > 0
+
+
+def test_targets_by_name_or_index_and_errors(zoo_model, images):
+    model, _ = zoo_model
+    x = images[0][0]
+    lvl = model.levels[1]
+    name = model.class_names[lvl][2]
+    np.testing.assert_allclose(attribute(model, x, lvl, name, "saliency"), attribute(model, x, lvl, 2, "saliency"))
+    with pytest.raises(KeyError):
+        attribute(model, x, lvl, "not a class", "saliency")
+    with pytest.raises(KeyError):
+        attribute(model, x, "not a level", None, "saliency")
+    with pytest.raises(KeyError):
+        attribute(model, x, lvl, None, "lime")
+
+
+def test_contrast_is_the_difference_of_signed_maps(zoo_model, images):
+    model, _ = zoo_model
+    x = images[0][0]
+    lvl = model.levels[1]
+    a, b = model.class_names[lvl][:2]
+    c = contrast(model, x, lvl, a, b, "saliency")
+    expected = attribute(model, x, lvl, a, "saliency", signed=True) - attribute(model, x, lvl, b, "saliency", signed=True)
+    np.testing.assert_allclose(c, expected, atol=1e-7)
+    assert np.abs(contrast(model, x, lvl, a, a, "gradcam")).max() == 0
+
+
+def test_all_levels(zoo_model, images):
+    model, _ = zoo_model
+    maps = attribute_all_levels(model, images[0][0], "gradcam")
+    assert list(maps) == list(model.levels)
+    assert all(m.shape == (64, 64) for m in maps.values())
+
+
+def test_deletion_insertion_curves_end_points(zoo_model, images):
+    model, _ = zoo_model
+    x = images[0][0]
+    lvl = model.levels[-1]
+    t = target_index(model, lvl, None, x)
+    c = curves(model, x, lvl, t, attribute(model, x, lvl, t, "gradcam"), steps=8)
+    with torch.no_grad():
+        p_full = float(model(x)[lvl].softmax(-1)[0, t])
+        p_blank = float(model(torch.zeros_like(x))[lvl].softmax(-1)[0, t])
+    assert c.fractions[0] == 0 and c.fractions[-1] == 1 and len(c.deletion) == 9
+    assert c.deletion[0] == pytest.approx(p_full, abs=1e-5) and c.insertion[-1] == pytest.approx(p_full, abs=1e-5)
+    assert c.deletion[-1] == pytest.approx(p_blank, abs=1e-5) and c.insertion[0] == pytest.approx(p_blank, abs=1e-5)
+    ref = random_reference(model, x, lvl, t, steps=8)
+    assert 0 <= ref <= 1
+    both = random_references(model, x, {lvl: t, model.levels[0]: None}, steps=8)
+    assert both[lvl] == pytest.approx(ref, abs=1e-6) and 0 <= both[model.levels[0]] <= 1
+
+
+def test_real_attribution_deletes_faster_than_random(zoo_model, images):
+    """On a trained model, removing pixels in Integrated Gradients order lowers the class
+    probability faster (lower deletion AUC) than removing them in a random order."""
+    model, manifest = zoo_model
+    acc = manifest.get("metrics", {}).get("test", {}).get("levels", {}).get(model.levels[-1], {}).get("accuracy", 0)
+    if acc < TRAINED_ACCURACY:
+        pytest.skip(f"{manifest['name']} is not trained (leaf accuracy {acc:.2f}); needs a zoo model")
+    rng = np.random.default_rng(0)
+    real, rand, wins = [], [], 0
+    for x in images[0]:
+        lvl = model.levels[-1]
+        t = target_index(model, lvl, None, x)
+        ig = attribute(model, x, lvl, t, "integrated_gradients")
+        d_real = curves(model, x, lvl, t, ig).deletion_auc
+        d_rand = curves(model, x, lvl, t, rng.standard_normal(ig.shape)).deletion_auc
+        real.append(d_real)
+        rand.append(d_rand)
+        wins += d_real < d_rand
+    assert np.mean(real) < np.mean(rand), (real, rand)
+    assert wins >= len(real) * 0.75, (real, rand)
+    f = faithfulness(model, images[0][0], model.levels[-1], None, attribute(model, images[0][0], model.levels[-1], None))
+    assert f.deletion_auc < f.random_auc
+
+
+def test_randomisation_check_leaves_model_untouched(zoo_model, images):
+    model, _ = zoo_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = randomisation_check(model, images[0][0], model.levels[-1], None, "gradcam")
+    assert [r["randomised"] for r in res] == [g for g, names in cascade_groups(model) if names]
+    assert all(-1 <= r["spearman"] <= 1 and np.isfinite(r["ssim"]) for r in res)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    groups = dict(cascade_groups(model))
+    assert all(groups.values()) and not set(groups["output heads"]) & set(groups["+ last convolutional block"])
+
+
+def test_map_similarity_bounds():
+    a = np.random.default_rng(0).random((16, 16))
+    same = map_similarity(a, a)
+    assert same["spearman"] == pytest.approx(1) and same["ssim"] == pytest.approx(1)
+    assert map_similarity(a, np.zeros_like(a))["spearman"] == 0
+
+
+def test_overlay_panel_and_json(zoo_model, images):
+    model, _ = zoo_model
+    x = images[0][0]
+    img = Image.fromarray((x[0, 0].numpy() * 255).astype(np.uint8)).resize((128, 128))
+    m = attribute(model, x, model.levels[-1], None, "integrated_gradients")
+    for signed in (False, True):
+        ov = export.overlay(img, m, 0.6, signed=signed)
+        assert ov.shape == (128, 128, 3) and ov.dtype == np.uint8
+    assert np.array_equal(export.overlay(img, m, 0.0), np.asarray(img.convert("RGB")))
+    n = export.normalise_map(m, signed=True)
+    assert n.min() >= -1 and n.max() <= 1
+    pred = predict(model, x).to_dict()
+    png = export.panel_png(img, [("IG", export.overlay(img, m))], "test", pred, None, notes=["note"])
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    doc = export.explanation_json({"prediction": pred, "value": np.float32(0.5), "curve": np.arange(3)})
+    assert '"value": 0.5' in doc and '"curve": [' in doc
