@@ -92,14 +92,15 @@ def panel_png(image: Image.Image, maps: list[tuple[str, np.ndarray]], title: str
         names = [i["name"][:22] for i in items]
         probs = [i["probability"] for i in items]
         truth = (ground_truth or {}).get(lvl)
-        colors = ["#E69F00" if nm == truth else "#0072B2" for nm in (i["name"] for i in items)]
+        top = prediction["path"][lvl]
+        colors = ["#E69F00" if nm == truth else "#0072B2" if nm == top else "#B8C4CE" for nm in (i["name"] for i in items)]
         ax.barh(names, probs, color=colors)
         ax.set_xlim(0, 1)
         flag = " ⚠" if lvl in prediction.get("contradictions", {}) else ""
         ax.set_title(f"{lvl}{flag}", fontsize=9)
         ax.tick_params(labelsize=7)
-    if notes:
-        bottom.supxlabel(" · ".join(notes), fontsize=7)
+    notes = ["bars: blue = predicted, orange = ground truth, grey = runners-up"] + list(notes or [])
+    bottom.supxlabel("\n".join(notes), fontsize=7)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor="white")
     return buf.getvalue()

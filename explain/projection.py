@@ -49,11 +49,12 @@ class FaissKNN:
 
 def fit_umap(embeddings: np.ndarray, n_neighbors: int = UMAP_PARAMS["n_neighbors"],
              min_dist: float = UMAP_PARAMS["min_dist"], random_state: int | None = None, verbose: bool = False,
-             init: str = "tswspectral"):
+             init: str = "pca"):
     """A fitted ``umap.UMAP`` on L2-normalised ``embeddings`` (its ``embedding_`` is the 2-D map).
 
     The neighbour graph comes from FAISS (IVF with recall@10 ≥ 0.95 above 5,000 images, exact
-    below), the initial layout from UMAP's fast "tswspectral" spectral embedding.
+    below); the initial layout is PCA (Kobak & Linderman 2021: keeps the global structure, and
+    skips the spectral eigensolver, a third of the time on 30k images).
     ``random_state=None`` lets UMAP use every core (the layout then varies slightly run to run).
     """
     import umap

@@ -74,7 +74,7 @@ def _subset_predictions(model_name: str, sha: str, dataset: str, relpaths: tuple
     sub = man.set_index("relpath").loc[list(relpaths)].reset_index()
     arr = decoded_array(get_source(dataset), sub, model.preprocessing["size"], progress=False)
     leaf = model.levels[-1]
-    probs = predict_arrays(model, np.asarray(arr))[leaf]
+    probs = predict_arrays(model, np.array(arr))[leaf]  # a writable copy of the memory-mapped cache
     names = np.array(model.class_names[leaf])
     return pd.DataFrame({"relpath": list(relpaths), "predicted": names[probs.argmax(1)], "confidence": probs.max(1)})
 

@@ -318,17 +318,20 @@ def _fake_evaluation():
     levels = ("group", "class")
     names = {"group": ["g0", "g1"], "class": ["c0", "c1", "c2", "c3"]}
 
-    def es(name, kind, n, peak, shift, classes):
+    def emb(n, axis):  # embeddings around 5 · e_axis: in-distribution along e0, OOD sets elsewhere
+        return rng.normal(0, 1, (n, 8)) + 5 * np.eye(8)[axis]
+
+    def es(name, kind, n, peak, axis, classes):
         z = {"group": rng.normal(0, 1, (n, 2)), "class": rng.normal(0, 1, (n, 4))}
         z["class"][np.arange(n), rng.integers(0, 4, n)] += peak
         z["group"][:, 0] += 4
         rows = pd.DataFrame({"relpath": [f"x/{name}/{i}.jpg" for i in range(n)], "dataset": "ndsb", "class": rng.choice(classes, n)})
-        return EvalSet(name, kind, z, rng.normal(shift, 1, (n, 8)), rows)
+        return EvalSet(name, kind, z, emb(n, axis), rows)
 
-    sets = {"in-distribution (NDSB test)": es("id", "id", 300, 6.0, 0.0, ["c0", "c1"]),
-            "held-out classes": es("held", "heldout", 120, 1.0, 2.0, ["h0", "h1", "h2"]),
-            "ZooLake": es("zl", "other", 80, 0.0, 4.0, ["z"])}
-    fit = rng.normal(0, 1, (200, 8))
+    sets = {"in-distribution (NDSB test)": es("id", "id", 300, 6.0, 0, ["c0", "c1"]),
+            "held-out classes": es("held", "heldout", 120, 1.0, 1, ["h0", "h1", "h2"]),
+            "ZooLake": es("zl", "other", 80, 0.0, 2, ["z"])}
+    fit = emb(200, 0)
     man = {"heldout": ["h0", "h1", "h2"], "dataset": "ndsb", "train_args": {"outlier_exposure": "mixed", "oe_weight": 0.5},
            "metrics": {"test": {"leaf": {"accuracy": 0.7}}}, "arch": "bacnn"}
     return Evaluation("fake", man, levels, names, sets, fit, rng.integers(0, 4, 200))

@@ -128,12 +128,12 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
 
     tpr = page.locator("[data-testid='stMetric']", has_text="in-distribution kept").locator("[data-testid='stMetricValue']")
     before = tpr.inner_text()
-    thumb = page.locator("[data-testid='stSlider'] [role='slider']").first
-    v0 = thumb.get_attribute("aria-valuenow")
+    thumb = page.locator("[data-testid='stSlider'] input[type='range']").first
+    v0 = thumb.input_value()
     thumb.focus()
     for _ in range(40):
         page.keyboard.press("ArrowLeft")
-    page.wait_for_function(f"() => document.querySelector(\"[data-testid='stSlider'] [role='slider']\").getAttribute('aria-valuenow') != {v0!r}",
+    page.wait_for_function(f"() => document.querySelector(\"[data-testid='stSlider'] input[type='range']\").value != {v0!r}",
                            timeout=30_000)
     page.wait_for_timeout(500)
     wait_for_app(page, 120_000)

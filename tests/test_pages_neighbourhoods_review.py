@@ -213,9 +213,10 @@ def _skip_without_model():
 
 
 def _open(pg, base: str, path: str) -> None:
-    """Open the app at its root first (app.py registers the pages), then the page."""
+    """Open the app at its root first and wait for app.py's sidebar (it registers the pages: a
+    deep URL as the very first request of a fresh server runs the page file alone), then the page."""
     pg.goto(base)
-    wait_for_app(pg, 300_000)
+    pg.locator("[data-testid='stSidebar']").get_by_text("Plankton Lens", exact=True).wait_for(timeout=300_000)
     pg.goto(f"{base}/{path}")
 
 
@@ -238,7 +239,7 @@ def test_browser_neighbourhoods_map_click_and_upload(streamlit_server, browser, 
     pg.wait_for_function(MAP_READY, timeout=600_000)
     wait_for_app(pg, 600_000)
     _clean(pg)
-    assert pg.get_by_text("Plankton Lens", exact=True).count() >= 1  # the app's own sidebar (model picker)
+    assert pg.locator("[data-testid='stSidebar']").get_by_text("Plankton Lens", exact=True).count() == 1  # app.py's sidebar
     # First paint once cached: the same tab reloaded (server caches warm).
     t0 = time.time()
     pg.reload()
