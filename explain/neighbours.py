@@ -44,9 +44,11 @@ def ivf_nlist(n: int) -> int:
 
 def tune_nprobe(index: faiss.IndexIVF, x: np.ndarray, target_recall: float = 0.95, k: int = 10,
                 n_queries: int = 100, metric: int = faiss.METRIC_L2) -> float:
-    """Set the smallest power-of-two ``nprobe`` whose recall@k against exact search reaches
-    ``target_recall`` on a sample of the indexed vectors (their self match left out); returns
-    the recall reached."""
+    """Set ``nprobe`` to twice the smallest power of two whose recall@k against exact search
+    reaches ``target_recall`` on a sample of the indexed vectors (their self match left out).
+    The doubling is a margin: indexed vectors sit closer to the k-means centroids than new
+    queries do (on the 1M benchmark, held-out queries got 0.94 at the sample's 0.95 setting).
+    Returns the recall reached on the sample."""
     rng = np.random.default_rng(1)
     q = np.ascontiguousarray(x[rng.choice(len(x), size=min(n_queries, len(x)), replace=False)])
     _, exact = faiss.knn(q, x, k + 1, metric=metric)
@@ -58,6 +60,7 @@ def tune_nprobe(index: faiss.IndexIVF, x: np.ndarray, target_recall: float = 0.9
         _, got = index.search(q, k + 1)
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got[:, 1:], exact)]))
         if recall >= target_recall or nprobe >= index.nlist:
+            index.nprobe = min(nprobe * 2, index.nlist)
             return recall
         nprobe = min(nprobe * 2, index.nlist)
 

@@ -268,8 +268,9 @@ if grp and is_logit:
 # gallery of the most anomalous images
 st.subheader("Most anomalous images")
 st.caption("Among the sets shown, by the chosen score. Dataset images link to the explain page and the neighbourhood view.")
-gcols = st.columns(6)
 for k, rw in top.iterrows():
+    if k % 6 == 0:
+        gcols = st.columns(6)
     with gcols[k % 6]:
         img = _image(name, sha, limit, rw["set"], int(rw["index"]), 112)
         if img is not None:

@@ -41,6 +41,15 @@ def _frame(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
+def _embeddings(model_name: str, sha: str, limit: int | None) -> np.ndarray:
+    """Embeddings of every image on the map, aligned with the map table (read-only)."""
+    from explain.embeddings import split_embeddings
+
+    return split_embeddings(model_name, load_zoo_model(model_name)[1].get("dataset", "ndsb"), None,
+                            limit_per_class=limit)[0]
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
 def _gallery(model_name: str, sha: str, limit: int | None) -> Gallery:
     return load_gallery(model_name, limit)
 
@@ -234,23 +243,21 @@ def _neighbour_panel(g: Gallery, emb: np.ndarray, k: int, exclude: int | None, t
 
 
 def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, limit: int | None,
-                    scores_ref: np.ndarray) -> np.ndarray | None:
-    """The chosen image (map point, path or upload): shows it and its neighbours. Returns the
-    map position of an upload (to draw on the map)."""
-    model, _ = load_zoo_model(model_name)
+                    scores_ref: np.ndarray) -> None:
+    """The chosen image (map point, path or upload): shows it, its scores and its neighbours."""
     sel = st.session_state.get(SEL_KEY)
     k = st.slider("Neighbours shown", 5, 30, 10, step=5, key="nb_k")
     if not sel:
         st.info("Click a point on the map (or give an image path / upload an image above) to see its nearest known images.")
-        return None
+        return
     kind, name = sel
     if kind == "upload":
         up = _placed_upload(model_name, sha, limit)
         if up is None:
-            return None
+            return
         if "error" in up:
             st.error(f"{name}: {up['error']}")
-            return None
+            return
         score = float(knn_score(g.index, up["emb"][None], KNN_K)[0])
         left, right = st.columns([1, 3])
         with left:
@@ -259,20 +266,18 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
             st.caption("Placed on the map with UMAP `transform` (the yellow star).")
         with right:
             _neighbour_panel(g, up["emb"], k, None, None, None)
-        return None
+        return
     ds, rel = kind, name
     hit = df.index[(df["dataset"] == ds) & (df["relpath"] == rel)]
     if len(hit) == 0:
         st.warning(f"{ds}:{rel} is not on this map (try the full map, or check the path).")
-        return None
+        return
     row = df.loc[hit[0]]
-    from explain.embeddings import split_embeddings
-
-    emb_all, rows = split_embeddings(model_name, ds, None, limit_per_class=limit)
+    emb_all = _embeddings(model_name, sha, limit)
     emb = emb_all[int(hit[0])] if ds == g.dataset else None
     if emb is None:
         st.warning("Neighbours are shown for images of the model's own dataset only.")
-        return None
+        return
     gid = g.rows.index[(g.rows["relpath"] == rel)]
     exclude = int(gid[0]) if len(gid) else None
     left, right = st.columns([1, 3])
@@ -289,7 +294,7 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
         truth = {lvl: row[lvl] for lvl in g.levels}
         pred = {lvl: row[f"pred_{lvl}"] for lvl in g.levels}
         _neighbour_panel(g, emb, k, exclude, truth, pred)
-    return None
+    return
 
 
 def _placed_upload(model_name: str, sha: str, limit: int | None) -> dict | None:

@@ -36,6 +36,14 @@ def _frame(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
+def _embeddings(model_name: str, sha: str, limit: int | None, dataset: str) -> np.ndarray:
+    """Embeddings aligned with the review table (read-only)."""
+    from explain.embeddings import split_embeddings
+
+    return split_embeddings(model_name, dataset, None, limit_per_class=limit)[0]
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
 def _gallery(model_name: str, sha: str, limit: int | None) -> Gallery:
     return load_gallery(model_name, limit)
 
@@ -116,10 +124,9 @@ def _queue(df: pd.DataFrame, levels: tuple[str, ...], scores: dict[str, np.ndarr
     return flag_neighbour_disagreement(base, level, share), f"{KNN_K} nearest known images outvote the model at {level}"
 
 
-def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...]) -> None:
-    """One flagged image: the image, why it is flagged, predictions, vote and neighbours."""
-    from explain.embeddings import split_embeddings
-
+def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...], emb: np.ndarray) -> None:
+    """One flagged image: the image, why it is flagged, predictions, vote and neighbours
+    (``emb``: embeddings aligned with the review table)."""
     left, right = st.columns([1, 2])
     with left:
         im = _thumb(row["dataset"], row["relpath"], 192)
@@ -138,7 +145,6 @@ def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...]) -> None:
                             "neighbour vote": [f"{row[f'vote_{lvl}']} ({row[f'vote_share_{lvl}']:.0%})" for lvl in levels]})
         st.dataframe(tab, hide_index=True, width="stretch")
         st.caption(f"kNN distance {row['knn_score']:.3f} · nearest known image at {row['nn_distance']:.3f}")
-        emb, rows = split_embeddings(g.model_name, g.dataset, None, limit_per_class=st.session_state.get("_rv_limit"))
         t = neighbour_table(g, emb[int(row.name)], 5)
         cols = st.columns(5)
         for col, r in zip(cols, t.to_dict("records")):
@@ -216,7 +222,6 @@ def main() -> None:
     top[0].text_input("Reviewer", key="rv_reviewer", placeholder="Your name (stored with each decision)")
     with top[1]:
         limit = _size_choice(model_name, dataset)
-    st.session_state["_rv_limit"] = limit
     if not is_cached(model_name, dataset, limit):
         bar = st.progress(0.0, text="Scoring the dataset once…")
         image_frame(model_name, limit, on_progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
@@ -252,7 +257,7 @@ def main() -> None:
         nav[2].caption(f"Image {pos + 1} of {len(queue):,}")
         row = queue.iloc[pos]
         with st.container(border=True):
-            _item(row, g, levels)
+            _item(row, g, levels, _embeddings(model_name, sha, limit, dataset))
         if _decision_form(row, store, model_name, dataset, levels, session):
             if not hide:
                 st.session_state[POS_KEY] = min(pos + 1, len(queue) - 1)

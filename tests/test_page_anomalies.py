@@ -116,14 +116,19 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
     page.on("console", lambda m: page.console_log.append((m.text, m.location.get("url"))) if m.type == "error" else None)
     page.on("pageerror", lambda e: page.console_log.append((str(e), "")))
     page.set_default_timeout(120_000)
-    page.goto(f"{streamlit_server}/anomalies", timeout=300_000)
+    # Through the home page, so that app.py's navigation is set up (a fresh server answering a
+    # page URL first runs that page alone, Streamlit's pages/-folder fallback).
+    page.goto(streamlit_server, timeout=300_000)
+    wait_for_app(page, 300_000)
+    page.locator("[data-testid='stSidebarNavLink']", has_text="Anomalies").click()
     page.wait_for_selector("text=Most anomalous images", timeout=900_000)
     wait_for_app(page, 900_000)
     page.wait_for_function(
         "() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')].filter(i => i.complete && i.naturalWidth > 0).length >= 12",
         timeout=120_000)
     assert page.locator("[data-testid='stButton'] button", has_text="Select").count() == 12
-    assert page.locator("a", has_text="Explain").count() >= 1
+    explain_links = page.get_by_role("link", name="Explain", exact=True)
+    assert explain_links.count() >= 1 and page.get_by_role("link", name="Neighbours", exact=True).count() == explain_links.count()
     _assert_clean(page, streamlit_server)
 
     tpr = page.locator("[data-testid='stMetric']", has_text="in-distribution kept").locator("[data-testid='stMetricValue']")
@@ -141,9 +146,23 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
         "(b) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')].find(e => e.innerText.includes('in-distribution kept'));"
         " return m && m.querySelector('[data-testid=\"stMetricValue\"]').innerText !== b; }", arg=before, timeout=60_000)
     assert float(tpr.inner_text().rstrip("%")) < float(before.rstrip("%"))
-    explain = page.locator("a", has_text="Explain").first.get_attribute("href")
-    assert explain and "classify?image=" in explain
     page.screenshot(path=str(ARTIFACTS / "anomalies.png"), full_page=True)
+    _assert_clean(page, streamlit_server)
+
+    # A gallery image's "Explain" link opens the explain page on that image (the page's first
+    # gallery image with a dataset link, recomputed here from the same cached evaluation).
+    from explain.ood_benchmark import evaluation, is_evaluated, most_anomalous
+    from pages.anomalies import QUICK, GALLERY_N
+
+    name = default_model_name()
+    ev = evaluation(name, None if is_evaluated(name) else QUICK)
+    top = most_anomalous(ev, "msp", ev.levels[-1], [n for n in ev.sets if len(ev.sets[n])], GALLERY_N)
+    link = next(lk for lk in top["link"] if lk)
+    explain_links.first.click()
+    page.wait_for_selector("text=Predicted class", timeout=600_000)
+    wait_for_app(page, 600_000)
+    assert "/classify" in page.url
+    assert page.locator("h2").first.inner_text().strip() == link.rsplit("/", 1)[-1]
     _assert_clean(page, streamlit_server)
     ctx.close()
     print(f"browser session took {time.time() - t0:.1f} s")

@@ -273,6 +273,15 @@ def test_browser_neighbourhoods_map_click_and_upload(streamlit_server, browser, 
     assert pg.evaluate("() => document.querySelector('.js-plotly-plot').data.some(t => t.name === 'your image')")
     _clean(pg)
     _screenshot(pg, "neighbourhoods-upload.png")
+
+    # A file that is not an image: a clear message, no traceback.
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"this is not a PNG at all" * 10)
+    pg.set_viewport_size({"width": 1500, "height": 1000})
+    pg.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(bad))
+    pg.wait_for_selector("text=broken.png: This file is not an image", timeout=120_000)
+    wait_for_app(pg, 120_000)
+    _clean(pg)
     ctx.close()
 
 
