@@ -117,7 +117,7 @@ def bench_first_render(timeout_s: float = 300.0) -> dict:
             page.goto(url + "/classify")
             page.wait_for_selector("text=Predicted class", timeout=ms)
             out["predictions"] = time.perf_counter() - t0
-            page.wait_for_selector("[data-testid='stImageCaption']:has-text('Integrated Gradients ·')", timeout=ms)
+            page.wait_for_selector("[data-testid='stImageCaption']:has-text(' · ')", timeout=ms)
             out["saliency"] = time.perf_counter() - t0
             page.wait_for_selector("text=Scores (JSON)", timeout=ms)
             page.wait_for_function(

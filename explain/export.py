@@ -10,8 +10,6 @@ import json
 from datetime import datetime, timezone
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.figure import Figure
 from PIL import Image
 
 SEQUENTIAL_CMAPS = ("viridis", "cividis", "magma")
@@ -29,6 +27,8 @@ def normalise_map(attr: np.ndarray, signed: bool, percentile: float = 99.0) -> n
 
 def colorize(attr: np.ndarray, signed: bool, cmap: str = "viridis") -> np.ndarray:
     """uint8 RGB (H, W, 3) rendering of a map; signed maps use the diverging map centred on 0."""
+    from matplotlib import colormaps  # imported on use (~0.3 s), after the predictions are on screen
+
     n = normalise_map(attr, signed)
     if signed:
         rgba = colormaps[DIVERGING_CMAP]((n + 1) / 2)
@@ -72,6 +72,8 @@ def panel_png(image: Image.Image, maps: list[tuple[str, np.ndarray]], title: str
               prediction: dict, ground_truth: dict | None = None, notes: list[str] | None = None, dpi: int = 150) -> bytes:
     """A slide-ready PNG: the image, the overlays (title, uint8 RGB) side by side, and the
     top-3 per level below; ``prediction`` is ``Prediction.to_dict()``."""
+    from matplotlib.figure import Figure
+
     n = 1 + len(maps)
     levels = list(prediction["top_k"])
     fig = Figure(figsize=(2.6 * max(n, len(levels)), 5.6), dpi=dpi, layout="constrained")

@@ -306,36 +306,45 @@ def embed_bytes(model, data: bytes, background: int | None = None) -> np.ndarray
 
 
 def query(model_name: str, image_bytes: bytes, k: int = 10, background: int | None = None,
-          limit_per_class: int | None = None) -> dict:
-    """Neighbours, per-level vote and kNN score of one image, as the CLI prints them."""
+          limit_per_class: int | None = None, source: tuple[str, str] | None = None) -> dict:
+    """Neighbours, per-level vote and kNN score of one image, as the CLI prints them.
+    ``source`` = (dataset, relpath) of a dataset image: when it is in the gallery it is not its
+    own neighbour."""
     from .embeddings import load_zoo_model
 
     model, _ = load_zoo_model(model_name)
     g = load_gallery(model_name, limit_per_class)
     emb = embed_bytes(model, image_bytes, background)
-    t = neighbour_table(g, emb, k)
+    own = -1
+    if source is not None:
+        hit = np.flatnonzero((g.rows["dataset"] == source[0]).to_numpy() & (g.rows["relpath"] == source[1]).to_numpy())
+        own = int(hit[0]) if len(hit) else -1
+    t = neighbour_table(g, emb, k, exclude_id=own if own >= 0 else None)
     vote = neighbour_vote(t, g.levels)
+    dist, ids = search(g.index, normalise(emb), KNN_K + 1)
+    score = drop_self(dist, ids, np.array([own]), KNN_K)[0][0, KNN_K - 1]
     return {
         "neighbours": [{"path": r["relpath"], "dataset": r["dataset"], "label": r[g.levels[-1]],
                         "distance": round(float(r["distance"]), 5)} for r in t.to_dict("records")],
         "vote": {lvl: v["label"] for lvl, v in vote.items()},
         "vote_share": {lvl: round(v["share"], 3) for lvl, v in vote.items()},
-        "knn_score": round(float(knn_score(g.index, emb[None], KNN_K)[0]), 5),
+        "knn_score": round(float(score), 5),
         "knn_k": KNN_K,
     }
 
 
-def read_image_arg(arg: str) -> tuple[bytes, int | None]:
-    """Bytes of ``--image``: a file path, or ``dataset:relpath`` inside a known dataset."""
+def read_image_arg(arg: str) -> tuple[bytes, int | None, tuple[str, str] | None]:
+    """Bytes of ``--image`` (a file path, or ``dataset:relpath`` inside a known dataset), the
+    background to assume (None: estimated) and the (dataset, relpath) it names, if any."""
     p = Path(arg)
     if p.is_file():
-        return p.read_bytes(), None
+        return p.read_bytes(), None, None
     if ":" in arg and not p.exists():
         from data.sources import open_source
 
         ds, rel = arg.split(":", 1)
         src = open_source(ds)
-        return src.read_bytes(rel), src.background
+        return src.read_bytes(rel), src.background, (ds, rel)
     raise FileNotFoundError(f"{arg}: no such file")
 
 
@@ -359,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --k must be at least 1", file=sys.stderr)
         return 2
     try:
-        data, bg = read_image_arg(args.image)
-        res = query(args.model, data, args.k, bg, args.limit_per_class)
+        data, bg, source = read_image_arg(args.image)
+        res = query(args.model, data, args.k, bg, args.limit_per_class, source)
     except ImageDecodeError as e:
         print(f"error: {args.image}: {e.message}", file=sys.stderr)
         return 2

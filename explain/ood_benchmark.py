@@ -33,12 +33,12 @@ from data.sources import open_source
 from models.base import HierarchicalClassifier, images_to_tensor
 from models.outliers import adversarial, chimeras, corruptions
 
-from .ood import CONFIG, FEATURE_SCORES, LOGIT_SCORES, SCORES, fit_mahalanobis, logit_score, ood_metrics
+from .ood import CONFIG, LOGIT_SCORES, SCORES, fit_mahalanobis, logit_score, ood_metrics
 
 CACHE_VERSION = 1
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results.md"
-START, END = "<!-- ood-benchmark:start -->", "<!-- ood-benchmark:end -->"
+START, END = "<!-- BEGIN ood-benchmark -->", "<!-- END ood-benchmark -->"
 OUTLIER_KINDS = ("chimera", "corruption", "adversarial")
 DATASET_LABELS = {"ndsb": "NDSB", "zoolake": "ZooLake"}
 
@@ -289,9 +289,16 @@ def most_anomalous(ev: Evaluation, score: str, level: str | None, set_names: lis
 
 
 def typical_index(ev: Evaluation, score: str, level: str | None) -> int:
-    """The in-distribution test image whose score is the median: a "usual" activation."""
-    s = ev.scores(score, level)[ev.set_of("id")[0]]
-    return int(np.argsort(s, kind="stable")[len(s) // 2])
+    """A "usual" activation: the correctly classified in-distribution test image with the median
+    score (the median of all of them when none is correct)."""
+    idn = ev.set_of("id")[0]
+    s = ev.scores(score, level)[idn]
+    es, leaf = ev.sets[idn], ev.levels[-1]
+    pred = np.asarray(ev.class_names[leaf])[es.logits[leaf].argmax(1)] if len(es) else np.zeros(0, str)
+    cand = np.flatnonzero(pred == es.rows["class"].to_numpy())
+    if not len(cand):
+        cand = np.arange(len(s))
+    return int(cand[np.argsort(s[cand], kind="stable")[len(cand) // 2]])
 
 
 def deep_link(es: EvalSet, i: int) -> str | None:
@@ -430,7 +437,8 @@ def run_benchmark(models: list[str] | None = None, progress: bool = False) -> di
         if missing:
             raise KeyError(f"not in the zoo: {missing}")
         zoo = [m for m in zoo if m["name"] in models]
-    result: dict = {"leave_class_out": {}, "cross_dataset": {}, "per_level": {}, "models": {}, "sizes": {}}
+    result: dict = {"leave_class_out": {}, "cross_dataset": {}, "per_level": {}, "known_group_unknown_class": {}, "models": {},
+                    "sizes": {}}
     t0 = time.time()
     for m in zoo:
         name = m["name"]
@@ -439,6 +447,9 @@ def run_benchmark(models: list[str] | None = None, progress: bool = False) -> di
         result["sizes"][name] = {n: len(s) for n, s in ev.sets.items()}
         if ev.heldout and len(ev.sets["held-out classes"]):
             result["leave_class_out"][name], result["per_level"][name] = leave_class_out(ev)
+            kgu = known_group_unknown(ev, "msp")
+            if kgu:
+                result["known_group_unknown_class"][name] = {n: _r(v.mean()) for n, v in kgu.items() if len(v)}
         cd = cross_dataset(ev)
         if cd:
             result["cross_dataset"][name] = cd
@@ -494,6 +505,14 @@ def results_markdown(result: dict) -> str:
                 for lvl, v in pl[n].items():
                     lines.append(f"| {lvl} | " + " | ".join(_pct(v[s]) for s in LOGIT_SCORES) + " |")
                 lines.append("")
+    kg = result.get("known_group_unknown_class", {})
+    if kg:
+        lines += ["Share of images with a peaked group head and a flat leaf head (\"known group, unknown class\"; MSP, "
+                  "thresholds keeping 95 % of in-distribution images at each level):", "",
+                  "| model | " + " | ".join(next(iter(kg.values()))) + " |", "|---|" + "---|" * len(next(iter(kg.values())))]
+        for n, v in kg.items():
+            lines.append(f"| {n} | " + " | ".join(_pct(x) for x in v.values()) + " |")
+        lines.append("")
     cd = result["cross_dataset"]
     lines += ["### Cross-instrument", ""]
     if cd:
@@ -509,15 +528,36 @@ def results_markdown(result: dict) -> str:
         lines.append("")
     t = result.get("targets", {})
     if t:
-        lines += ["### Targets", "", "```json", json.dumps(t, indent=1), "```", ""]
+        lines += ["### Targets", ""] + target_lines(result) + ["", "```json", json.dumps(t, indent=1), "```", ""]
     lines.append(END)
     return "\n".join(lines)
+
+
+def target_lines(result: dict) -> list[str]:
+    """The issue's targets against what was measured, one Markdown bullet each."""
+    t, out = result.get("targets", {}), []
+    yes = {True: "met", False: "**not met**"}
+    if "flat_logit_model" in t:
+        out.append(f"- Mean leave-class-out AUROC ≥ 95 % for the flat-logit model: {yes[t['flat_logit_auroc_ge_0.95']]} "
+                   f"({_pct(t['flat_logit_auroc_mean'])} %, {t['flat_logit_best_score']}, {t['flat_logit_model']}).")
+    else:
+        out.append("- Mean leave-class-out AUROC ≥ 95 % for the flat-logit model: no flat-logit held-out model in the zoo yet.")
+    if "flat_logit_above_baseline" in t:
+        out.append(f"- Above the baseline's best post-hoc score ({_pct(t['baseline_best_auroc_mean'])} %, {t['baseline_best_score']}, "
+                   f"{t['baseline_model']}): {yes[t['flat_logit_above_baseline']]}.")
+        out.append(f"- Classification within 1 point of the baseline: {yes[t['accuracy_within_1_point']]} "
+                   f"(leaf accuracy {_pct(t['accuracy_drop'])} points lower).")
+    if t.get("cross_dataset_best_auroc"):
+        best = max(t["cross_dataset_best_auroc"].items(), key=lambda kv: kv[1])
+        out.append(f"- ZooLake-vs-NDSB AUROC ≥ 98 %: {yes[best[1] >= 0.98]} (best {_pct(best[1])} %, {best[0]}).")
+    return out
 
 
 def write_results(result: dict, path: Path = RESULTS) -> Path:
     """Replace (or append) the OOD section of docs/results.md; the rest of the file is kept."""
     section = results_markdown(result)
     text = path.read_text() if path.exists() else "# Results\n"
+    text = re.sub(r"\n*<!-- ood-benchmark:start -->.*?<!-- ood-benchmark:end -->\n?", "\n", text, flags=re.S)  # older markers
     if START in text and END in text:
         text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
     else:

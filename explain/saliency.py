@@ -11,7 +11,6 @@ import threading
 
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, Saliency
 
 from models.base import HierarchicalClassifier, LevelOutput
 
@@ -69,6 +68,10 @@ def attribute(model: HierarchicalClassifier, x: torch.Tensor, level: str, target
     """
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    # Imported on first use: Captum (and the matplotlib it loads) costs ~0.4 s, which the
+    # dashboard's first paint of the predictions should not wait for.
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, Saliency
+
     x = x[:1].detach().float()
     model.eval()
     t = target_index(model, level, target, x)

@@ -109,11 +109,14 @@ def _page_link(page: str, label: str, link: str | None) -> None:
 
 def _logit_bars(logits: np.ndarray, names: list[str], title: str, y_range: tuple[float, float], top: int = 30) -> go.Figure:
     order = np.argsort(-logits, kind="stable")[:top]
-    p = np.exp(logits - logits.max())
-    p = p / p.sum()
-    fig = go.Figure(go.Bar(x=[names[i] for i in order], y=logits[order], marker_color="#0072B2",
-                           customdata=p[order], hovertemplate="%{x}<br>logit %{y:.2f}<br>p %{customdata:.3f}<extra></extra>"))
-    fig.update_layout(title=title, height=300, margin=dict(t=40, l=10, r=10, b=10), yaxis_title="logit",
+    p = np.exp(logits - np.nanmax(logits))
+    p = p / np.nansum(p)
+    short = [names[i] if len(names[i]) <= 22 else names[i][:21] + "…" for i in order]
+    fig = go.Figure(go.Bar(x=list(range(len(order))), y=logits[order], marker_color="#0072B2",
+                           customdata=[[names[i], float(p[i])] for i in order],
+                           hovertemplate="%{customdata[0]}<br>logit %{y:.2f}<br>p %{customdata[1]:.3f}<extra></extra>"))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(order))), ticktext=short)
+    fig.update_layout(title=title, height=340, margin=dict(t=40, l=10, r=10, b=10), yaxis_title="logit",
                       yaxis_range=list(y_range), xaxis_tickangle=-60, xaxis_tickfont_size=9)
     return fig
 
@@ -236,7 +239,7 @@ fin = np.concatenate([z_typ[np.isfinite(z_typ)], z_sel[np.isfinite(z_sel)]])
 y_range = (float(min(0.0, fin.min())) - 0.5, float(fin.max()) + 0.5) if len(fin) else (0.0, 1.0)
 names = ev.class_names[bar_level]
 cols = st.columns(2)
-for col, (title, set_name, i, z) in zip(cols, [("Typical in-distribution image (median score)", id_name, t_i, z_typ),
+for col, (title, set_name, i, z) in zip(cols, [("Typical in-distribution image", id_name, t_i, z_typ),
                                                ("Selected image", sel_set, sel_i, z_sel)]):
     with col:
         a, b = st.columns([1, 2.2])
@@ -246,7 +249,9 @@ for col, (title, set_name, i, z) in zip(cols, [("Typical in-distribution image (
         row = ev.sets[set_name].rows.iloc[i]
         b.markdown(f"**{title}**  \n{set_name} · class `{row['class']}`  \n{SCORE_LABELS[score]}: **{float(s[set_name][i]):.4g}**"
                    + (f" ({'flagged' if s[set_name][i] > thr else 'kept'})"))
-        if set_name == sel_set and i == sel_i and "source" in row and row.get("source"):
+        if title.startswith("Typical"):
+            b.caption("The correctly classified test image with the median score: a usual activation.")
+        if title == "Selected image" and row.get("source"):
             b.caption(f"made from {row['source']}")
         st.plotly_chart(_logit_bars(np.where(np.isfinite(z), z, np.nan), names, f"{bar_level} logits (top 30 of {len(names)})",
                                     y_range), key=f"ood_bars_{title[:4]}")
@@ -260,7 +265,8 @@ if grp and is_logit:
                f"{CONFIG['tpr']:.0%} of in-distribution images at each level.")
     kc = st.columns(len(shown) or 1)
     for col, n in zip(kc, shown):
-        col.metric(n, f"{kgu[n].mean():.1%}", f"{int(kgu[n].sum()):,} images", delta_color="off")
+        col.metric(n, f"{kgu[n].mean():.1%}")
+        col.caption(f"{int(kgu[n].sum()):,} of {len(kgu[n]):,} images")
     if sel_set in kgu and kgu[sel_set][sel_i]:
         g_name = ev.class_names[grp][int(np.nanargmax(ev.sets[sel_set].logits[grp][sel_i]))]
         st.success(f"The selected image is a case of **known group, unknown class**: {grp} `{g_name}`, class unknown.")

@@ -262,6 +262,15 @@ def test_query_command_json(model_name, ndsb, ndsb_manifest, tmp_path):
     model, _ = load_zoo_model(model_name)
     assert list(out["vote"]) == list(model.levels)
     assert out["knn_score"] >= d[-1] - 1e-4 or KNN_K != 10
+    # A gallery image named as dataset:relpath is not its own neighbour.
+    from explain.embeddings import dataset_manifest
+
+    _, rows = dataset_manifest("ndsb", load_zoo_model(model_name)[1], LIMIT)
+    own = rows[rows["split"] == "train"]["relpath"].iloc[0]
+    r = _cli("explain.neighbours", "query", "--model", model_name, "--image", f"ndsb:{own}", "--json",
+             "--limit-per-class", str(LIMIT))
+    assert r.returncode == 0, r.stderr
+    assert own not in [n["path"] for n in json.loads(r.stdout)["neighbours"]]
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     r = _cli("explain.neighbours", "query", "--model", model_name, "--image", str(bad), "--limit-per-class", str(LIMIT))

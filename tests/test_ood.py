@@ -364,7 +364,7 @@ def test_benchmark_aggregation_on_a_hand_made_evaluation(tmp_path):
     write_results(result, p)
     write_results(result, p)  # replaced in place, not appended twice
     text = p.read_text()
-    assert text.count("ood-benchmark:start") == 1 and "other section" in text
+    assert text.count("BEGIN ood-benchmark") == 1 and "other section" in text
     top = most_anomalous(ev, "msp", "class", list(ev.sets), 5)
     assert len(top) == 5 and top["score"].is_monotonic_decreasing
     assert 0 <= typical_index(ev, "msp", "class") < 300

@@ -2,6 +2,7 @@
 browser session (the threshold slider moves, the gallery renders)."""
 from __future__ import annotations
 
+import re
 import time
 from urllib.parse import urlparse
 
@@ -120,7 +121,9 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
     # page URL first runs that page alone, Streamlit's pages/-folder fallback).
     page.goto(streamlit_server, timeout=300_000)
     wait_for_app(page, 300_000)
-    page.locator("[data-testid='stSidebarNavLink']", has_text="Anomalies").click()
+    nav = page.locator("[data-testid='stSidebarNavLink']")
+    nav.filter(has_text="Classify & explain").wait_for(timeout=300_000)  # app.py's navigation is up
+    nav.filter(has_text=re.compile(r"Anomalies$")).click()
     page.wait_for_selector("text=Most anomalous images", timeout=900_000)
     wait_for_app(page, 900_000)
     page.wait_for_function(
@@ -146,7 +149,10 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
         "(b) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')].find(e => e.innerText.includes('in-distribution kept'));"
         " return m && m.querySelector('[data-testid=\"stMetricValue\"]').innerText !== b; }", arg=before, timeout=60_000)
     assert float(tpr.inner_text().rstrip("%")) < float(before.rstrip("%"))
+    page.set_viewport_size({"width": 1500, "height": 3600})  # the app scrolls inside its own container
+    page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "anomalies.png"), full_page=True)
+    page.set_viewport_size({"width": 1500, "height": 1100})
     _assert_clean(page, streamlit_server)
 
     # A gallery image's "Explain" link opens the explain page on that image (the page's first
