@@ -17,6 +17,25 @@ from models.zoo import default_model_name, list_models, load_model, model_names
 MODEL_KEY = "model_name"
 
 
+def _use_app_navigation() -> None:
+    """Run app.py's navigation even when a server's very first request is a page URL.
+
+    Until app.py has called ``st.navigation`` once, Streamlit treats the ``pages/`` folder as an
+    old-style multipage app and runs the page script alone (no sidebar, no model picker, and
+    ``common.py`` listed as a page). Every page imports this module, so the first such run turns
+    the fallback off and reruns, and app.py then opens the requested page itself.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    if PagesManager.uses_pages_directory and get_script_run_ctx() is not None:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
+_use_app_navigation()
+
+
 @st.cache_data(ttl=60, show_spinner=False)
 def zoo_table() -> list[dict]:
     return list_models()

@@ -1,11 +1,13 @@
 """Shared fixtures: dataset location, isolated caches, a live Streamlit server and a browser."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -60,38 +62,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def streamlit_server():
-    """``streamlit run app.py`` on a free loopback port; yields its base URL."""
+@contextlib.contextmanager
+def run_streamlit_server(log_name: str = "streamlit-server.log", start_timeout_s: float = 90.0, env: dict | None = None):
+    """``streamlit run app.py`` on a free loopback port; yields its base URL, stops it on exit."""
     port = _free_port()
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    log = open(ARTIFACTS.mkdir(parents=True, exist_ok=True) or ARTIFACTS / "streamlit-server.log", "w")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log = open(ARTIFACTS / log_name, "w")
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless=true",
          f"--server.port={port}", "--server.address=127.0.0.1", "--server.fileWatcherType=none"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    import urllib.request
-
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            break
-        except Exception:  # noqa: BLE001
-            if proc.poll() is not None:
-                raise RuntimeError("streamlit exited early; see tests/artifacts/streamlit-server.log")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("streamlit did not start within 60 s")
-    yield url
-    proc.terminate()
+    deadline = time.time() + start_timeout_s
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        while True:
+            try:
+                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+                break
+            except Exception:  # noqa: BLE001
+                if proc.poll() is not None:
+                    raise RuntimeError(f"streamlit exited early; see tests/artifacts/{log_name}") from None
+                if time.time() > deadline:
+                    raise RuntimeError(f"streamlit did not start within {start_timeout_s:.0f} s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def streamlit_server():
+    """One live dashboard shared by the browser tests; yields its base URL."""
+    with run_streamlit_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ARTIFACTS, REPO, assert_no_streamlit_errors, requires_data, wait_for_app
+from tests.conftest import ARTIFACTS, REPO, assert_no_streamlit_errors, requires_data, run_streamlit_server, wait_for_app
 from tests.test_clip import train_tiny
 
 pytestmark = requires_data
@@ -130,42 +125,11 @@ def test_page_without_clip_model(clip_zoo, tmp_path, monkeypatch):
 
 
 # --- browser -----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def clip_server(clip_zoo):
     """A Streamlit server that sees the tiny CLIP zoo (the shared server may predate it)."""
-    port = _free_port()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / "streamlit-clip-server.log", "w")
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless=true",
-                             f"--server.port={port}", "--server.address=127.0.0.1", "--server.fileWatcherType=none"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            break
-        except Exception:  # noqa: BLE001
-            if proc.poll() is not None:
-                raise RuntimeError("streamlit exited early; see tests/artifacts/streamlit-clip-server.log")
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("streamlit did not start within 90 s")
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with run_streamlit_server("streamlit-clip-server.log") as url:
+        yield url
 
 
 def _no_errors(page, expected: list[str]) -> None:

@@ -1,0 +1,25 @@
+"""The app shell in a real browser: a page URL opened first on a fresh server still gets
+app.py's navigation and the shared model picker (not Streamlit's pages/-folder fallback)."""
+from __future__ import annotations
+
+from tests.conftest import assert_no_streamlit_errors, requires_data, run_streamlit_server, wait_for_app
+
+
+@requires_data
+def test_direct_page_url_on_a_cold_server_uses_the_app_navigation(browser):
+    with run_streamlit_server("streamlit-cold-server.log") as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        console: list[str] = []
+        page.on("console", lambda m: console.append(m.text) if m.type == "error" else None)
+        page.goto(url + "/review", timeout=300_000)
+        nav = page.locator("[data-testid='stSidebarNavLink']")
+        nav.filter(has_text="Classify & explain").wait_for(timeout=300_000)
+        wait_for_app(page, 300_000)
+        titles = [t.strip() for t in nav.all_inner_texts()]
+        assert "Review" in " ".join(titles) and not any("common" in t.lower() for t in titles), titles
+        # The sidebar's shared model picker is there (app.py ran), and the review page itself.
+        assert page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']", has_text="Model").count() == 1
+        assert page.url.rstrip("/").endswith("/review")
+        page.console_errors = [e for e in console if "Failed to load resource" not in e]
+        assert_no_streamlit_errors(page)
+        page.close()
