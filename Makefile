@@ -24,7 +24,7 @@ browser:
 	  echo "chromium not installed: browser tests will be skipped (apt-get install chromium)"; }
 
 demo: $(STAMP) data-info
-	HF_HUB_OFFLINE=1 $(PY) -m streamlit run app.py --browser.gatherUsageStats=false
+	HF_HUB_OFFLINE=1 $(PY) -m streamlit run serve.py --browser.gatherUsageStats=false
 
 test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

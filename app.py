@@ -11,6 +11,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before torch loads: idle OpenMP threads sleep instead of spinning. On a 2-core machine shared
+# with anything else, spinning threads slowed Integrated Gradients 5-10x (bench/bench_explain.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 

@@ -63,14 +63,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def run_streamlit_server(log_name: str = "streamlit-server.log", start_timeout_s: float = 90.0, env: dict | None = None):
-    """``streamlit run app.py`` on a free loopback port; yields its base URL, stops it on exit."""
+def run_streamlit_server(log_name: str = "streamlit-server.log", start_timeout_s: float = 90.0, env: dict | None = None,
+                         script: str = "serve.py"):
+    """``streamlit run serve.py`` (the demo's command: app.py plus a warm-up at start) on a free
+    loopback port; yields its base URL, stops it on exit."""
     port = _free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / log_name, "w")
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", **(env or {})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.headless=true",
+        [sys.executable, "-m", "streamlit", "run", str(REPO / script), "--server.headless=true",
          f"--server.port={port}", "--server.address=127.0.0.1", "--server.fileWatcherType=none"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
