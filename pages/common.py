@@ -5,6 +5,7 @@ caches them (``st.cache_resource`` / ``st.cache_data``) and lays things out.
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -103,3 +104,23 @@ def safe_source(name: str) -> Source | None:
     except DatasetNotFound as e:
         st.warning(str(e))
         return None
+
+
+# --- warm-up at server start (serve.py) ------------------------------------------------------
+def warm_caches() -> None:
+    """Fill the shared caches the first page view needs: torch and Captum imported, the default
+    model and the datasets' indexes loaded, one explanation run so that lazy initialisation is
+    done. Called from a background thread when the server starts; safe to call again."""
+    import torch
+
+    from explain.export import colorize
+    from explain.saliency import attribute
+
+    name = default_model_name()
+    if name is not None:
+        model, _ = get_model(name)
+        x = torch.zeros(1, 1, model.preprocessing["size"], model.preprocessing["size"])
+        attribute(model, x, model.levels[-1], None, "integrated_gradients", n_steps=2)
+        colorize(np.zeros((2, 2), np.float32), signed=True)
+    for ds in get_sources():
+        get_manifest(ds)
