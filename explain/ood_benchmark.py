@@ -392,31 +392,46 @@ def model_info(man: dict) -> dict:
     ta = man.get("train_args", {})
     return {"arch": man.get("arch"), "dataset": man.get("dataset"), "heldout": len(man.get("heldout") or []),
             "outlier_exposure": ta.get("outlier_exposure", "none"), "oe_weight": ta.get("oe_weight") if ta.get("outlier_exposure", "none") != "none" else None,
+            "init_from": ta.get("init_from"), "epochs": ta.get("epochs"),
             "leaf_accuracy": _r(test.get("leaf", {}).get("accuracy", float("nan"))), "command": man.get("command")}
 
 
 def targets(result: dict) -> dict:
-    """The issue's targets, checked on the held-out models found (baseline: no outlier exposure)."""
+    """The issue's targets, checked on the held-out models found.
+
+    The flat-logit model is the best held-out model trained with outlier exposure; its bar is the
+    best post-hoc score of *any* held-out model trained without it (the strictest baseline). Its
+    accuracy is compared with the model trained the same way without the term (same ``init_from``
+    and epochs: the plain fine-tune), or else the first baseline.
+    """
     info, lco = result["models"], result["leave_class_out"]
     oe = [m for m in lco if info[m]["outlier_exposure"] != "none"]
     base = [m for m in lco if info[m]["outlier_exposure"] == "none"]
     out: dict = {}
+
+    def best_score(m: str, scores) -> str:
+        return max(scores, key=lambda s: lco[m][s]["auroc_mean"])
+
     if oe:
-        m = oe[0]
-        best = max(LOGIT_SCORES, key=lambda s: lco[m][s]["auroc_mean"])
+        m = max(oe, key=lambda n: lco[n][best_score(n, LOGIT_SCORES)]["auroc_mean"])
+        best = best_score(m, LOGIT_SCORES)
         out["flat_logit_model"] = m
         out["flat_logit_best_score"] = best
         out["flat_logit_auroc_mean"] = lco[m][best]["auroc_mean"]
         out["flat_logit_auroc_ge_0.95"] = lco[m][best]["auroc_mean"] >= 0.95
     if base:
-        b = base[0]
-        best_b = max(SCORES, key=lambda s: lco[b][s]["auroc_mean"])
+        b = max(base, key=lambda n: lco[n][best_score(n, SCORES)]["auroc_mean"])
+        best_b = best_score(b, SCORES)
         out["baseline_model"] = b
         out["baseline_best_score"] = best_b
         out["baseline_best_auroc_mean"] = lco[b][best_b]["auroc_mean"]
         if oe:
+            m = out["flat_logit_model"]
+            same = [n for n in base if (info[n].get("init_from"), info[n].get("epochs")) == (info[m].get("init_from"), info[m].get("epochs"))]
+            ref = same[0] if same else base[0]
             out["flat_logit_above_baseline"] = out["flat_logit_auroc_mean"] > out["baseline_best_auroc_mean"]
-            out["accuracy_drop"] = _r(info[b]["leaf_accuracy"] - info[oe[0]]["leaf_accuracy"])
+            out["accuracy_reference_model"] = ref
+            out["accuracy_drop"] = _r(info[ref]["leaf_accuracy"] - info[m]["leaf_accuracy"])
             out["accuracy_within_1_point"] = out["accuracy_drop"] <= 0.01
     cross = result["cross_dataset"]
     if cross:
@@ -545,7 +560,8 @@ def target_lines(result: dict) -> list[str]:
     if "flat_logit_above_baseline" in t:
         out.append(f"- Above the baseline's best post-hoc score ({_pct(t['baseline_best_auroc_mean'])} %, {t['baseline_best_score']}, "
                    f"{t['baseline_model']}): {yes[t['flat_logit_above_baseline']]}.")
-        out.append(f"- Classification within 1 point of the baseline: {yes[t['accuracy_within_1_point']]} "
+        out.append(f"- Classification within 1 point of the same model trained without the term "
+                   f"({t.get('accuracy_reference_model', t['baseline_model'])}): {yes[t['accuracy_within_1_point']]} "
                    f"(leaf accuracy {_pct(t['accuracy_drop'])} points lower).")
     if t.get("cross_dataset_best_auroc"):
         best = max(t["cross_dataset_best_auroc"].items(), key=lambda kv: kv[1])

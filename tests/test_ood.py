@@ -372,6 +372,29 @@ def test_benchmark_aggregation_on_a_hand_made_evaluation(tmp_path):
     assert kgu["held-out classes"].mean() > kgu["in-distribution (NDSB test)"].mean()
 
 
+def test_targets_pair_the_flat_logit_model_with_the_right_baselines():
+    """The bar is the best post-hoc score of any held-out model without the outlier term; the
+    accuracy is compared with the model fine-tuned the same way without it."""
+    from explain.ood_benchmark import targets
+
+    def table(**aurocs):
+        return {s: {"auroc_mean": aurocs.get(s, 0.5), "fpr95_mean": 0.5, "per_class": {}} for s in SCORES}
+
+    def info(oe, init, epochs, acc):
+        return {"outlier_exposure": oe, "init_from": init, "epochs": epochs, "leaf_accuracy": acc}
+
+    result = {"leave_class_out": {"base": table(msp=0.80, knn=0.86), "ft": table(msp=0.82, knn=0.84), "oe": table(energy=0.90)},
+              "models": {"base": info("none", None, 10, 0.60), "ft": info("none", "base", 3, 0.62),
+                         "oe": info("mixed", "base", 3, 0.615)},
+              "cross_dataset": {}}
+    t = targets(result)
+    assert t["flat_logit_model"] == "oe" and t["flat_logit_best_score"] == "energy"
+    assert t["baseline_model"] == "base" and t["baseline_best_score"] == "knn" and t["baseline_best_auroc_mean"] == 0.86
+    assert t["flat_logit_above_baseline"] and not t["flat_logit_auroc_ge_0.95"]
+    assert t["accuracy_reference_model"] == "ft" and t["accuracy_drop"] == pytest.approx(0.005, abs=1e-4)
+    assert t["accuracy_within_1_point"]
+
+
 @requires_data
 def test_benchmark_cli_json_shape(tmp_path):
     from models.zoo import default_model_name
