@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import sys
 import threading
 import time
@@ -38,12 +37,14 @@ from data.paths import cache_dir
 from models.base import images_to_tensor
 from models.captions import class_prompts, descriptors_version, prompt_bank
 from models.checkpoint import CheckpointError
+from models.report import write_results_section
 from models.clip_model import (ClipClassifier, PlanktonClip, clip_model_names, load_clip,  # noqa: F401 (re-exported)
                                load_pretrained_local, zero_shot_eval)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results.md"
-START, END = "<!-- clip-benchmark:start -->", "<!-- clip-benchmark:end -->"
+SECTION = "clip-benchmark"  # docs/results.md section, see models/report.py
+START, END = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
 DEFAULT_CLIP = "ndsb-clip"
 KS = (1, 2, 5, 10)
 KNN_K = 10
@@ -452,7 +453,7 @@ SET_LABELS = {"chimeras": "chimeras of two NDSB organisms", "natural": "natural 
 
 def results_markdown(res: dict) -> str:
     z, an = res["zero_shot"], res["anomaly"]
-    lines = [START, "## CLIP: zero-shot identification and anomaly detection", "",
+    lines = ["## CLIP: zero-shot identification and anomaly detection", "",
              f"Model `{res['model']}` (sha256 `{str(res.get('sha256'))[:12]}`), trained with `{res.get('command')}`"
              + (f" in {res['train_time_s'] / 60:.1f} min of training steps" if res.get("train_time_s") else "")
              + (f" ({res['wall_time_s'] / 60:.1f} min for the whole command)." if res.get("wall_time_s") else "."),
@@ -474,21 +475,13 @@ def results_markdown(res: dict) -> str:
         lines.append(f"| {SET_LABELS.get(s, s)} | {v['n']} | {_pct(v['auroc'])} | {_pct(v['auroc_mcm'])} | {_pct(v['auroc_knn'])} |")
     lines += ["", "Targets (issue 7): zero-shot top-1 ≥ 50 % among the held-out names, parent accuracy ≥ 85 %, "
               "AUROC ≥ 98 % on chimeras and natural images, trained within 45 min on 2 CPU cores: "
-              + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in res.get("targets", {}).items()) + ".", END]
+              + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in res.get("targets", {}).items()) + "."]
     return "\n".join(lines)
 
 
 def write_results(res: dict, path: Path = RESULTS) -> Path:
     """Replace (or append) the CLIP section of docs/results.md; the rest of the file is kept."""
-    section = results_markdown(res)
-    text = path.read_text() if path.exists() else "# Results\n"
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return write_results_section(SECTION, results_markdown(res), path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,13 +31,15 @@ from data.paths import cache_dir
 from data.sources import open_source
 from models.base import HierarchicalClassifier, images_to_tensor
 from models.outliers import adversarial, chimeras, corruptions
+from models.report import write_results_section
 
 from .ood import CONFIG, LOGIT_SCORES, SCORES, fit_mahalanobis, logit_score, ood_metrics
 
 CACHE_VERSION = 1
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results.md"
-START, END = "<!-- BEGIN ood-benchmark -->", "<!-- END ood-benchmark -->"
+SECTION = "ood-benchmark"  # docs/results.md section, see models/report.py
+START, END = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
 OUTLIER_KINDS = ("chimera", "corruption", "adversarial")
 DATASET_LABELS = {"ndsb": "NDSB", "zoolake": "ZooLake"}
 
@@ -482,7 +483,7 @@ def _pct(x: float) -> str:
 
 def results_markdown(result: dict) -> str:
     """The benchmark as a Markdown section (between markers, so it can be replaced in place)."""
-    lines = [START, "## Out-of-distribution detection (issue 5)", "",
+    lines = ["## Out-of-distribution detection (issue 5)", "",
              "Reproduce: `python -m explain.ood benchmark --json` (evaluation only, from the zoo's checkpoints). "
              "Scores: higher = more anomalous; logit scores on the leaf level. AUROC and FPR95 in %; FPR95 is the share "
              "of OOD images kept when 95 % of in-distribution test images are kept.", ""]
@@ -544,7 +545,6 @@ def results_markdown(result: dict) -> str:
     t = result.get("targets", {})
     if t:
         lines += ["### Targets", ""] + target_lines(result) + ["", "```json", json.dumps(t, indent=1), "```", ""]
-    lines.append(END)
     return "\n".join(lines)
 
 
@@ -571,16 +571,7 @@ def target_lines(result: dict) -> list[str]:
 
 def write_results(result: dict, path: Path = RESULTS) -> Path:
     """Replace (or append) the OOD section of docs/results.md; the rest of the file is kept."""
-    section = results_markdown(result)
-    text = path.read_text() if path.exists() else "# Results\n"
-    text = re.sub(r"\n*<!-- ood-benchmark:start -->.*?<!-- ood-benchmark:end -->\n?", "\n", text, flags=re.S)  # older markers
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return write_results_section(SECTION, results_markdown(result), path)
 
 
 def main(argv: list[str] | None = None) -> int:
