@@ -37,7 +37,7 @@ from data.paths import cache_dir
 from models.base import images_to_tensor
 from models.captions import class_prompts, descriptors_version, prompt_bank
 from models.checkpoint import CheckpointError
-from models.report import write_results_section
+from models.report import publish, write_results_section
 from models.clip_model import (ClipClassifier, PlanktonClip, clip_model_names, load_clip,  # noqa: F401 (re-exported)
                                load_pretrained_local, zero_shot_eval)
 
@@ -506,12 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(str(e), file=sys.stderr)
         return 1
-    if not args.no_write:
-        print(f"wrote {write_results(res, Path(args.results))}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(res, indent=2))
-    else:
-        print(results_markdown(res))
+    publish(res, SECTION, results_markdown(res), as_json=args.json, results_path=None if args.no_write else Path(args.results))
     return 0
 
 

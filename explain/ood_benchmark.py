@@ -31,7 +31,7 @@ from data.paths import cache_dir
 from data.sources import open_source
 from models.base import HierarchicalClassifier, images_to_tensor
 from models.outliers import adversarial, chimeras, corruptions
-from models.report import write_results_section
+from models.report import publish, write_results_section
 
 from .ood import CONFIG, LOGIT_SCORES, SCORES, fit_mahalanobis, logit_score, ood_metrics
 
@@ -410,22 +410,17 @@ def targets(result: dict) -> dict:
     base = [m for m in lco if info[m]["outlier_exposure"] == "none"]
     out: dict = {}
 
-    def best_score(m: str, scores) -> str:
-        return max(scores, key=lambda s: lco[m][s]["auroc_mean"])
+    def best(models: list[str], scores) -> tuple[str, str, float]:
+        """(model, score, mean AUROC) of the best score of the best model among ``models``."""
+        return max(((n, s, lco[n][s]["auroc_mean"]) for n in models for s in scores), key=lambda t: t[2])
 
     if oe:
-        m = max(oe, key=lambda n: lco[n][best_score(n, LOGIT_SCORES)]["auroc_mean"])
-        best = best_score(m, LOGIT_SCORES)
-        out["flat_logit_model"] = m
-        out["flat_logit_best_score"] = best
-        out["flat_logit_auroc_mean"] = lco[m][best]["auroc_mean"]
-        out["flat_logit_auroc_ge_0.95"] = lco[m][best]["auroc_mean"] >= 0.95
+        m, s, auc = best(oe, LOGIT_SCORES)
+        out.update({"flat_logit_model": m, "flat_logit_best_score": s, "flat_logit_auroc_mean": auc,
+                    "flat_logit_auroc_ge_0.95": auc >= 0.95})
     if base:
-        b = max(base, key=lambda n: lco[n][best_score(n, SCORES)]["auroc_mean"])
-        best_b = best_score(b, SCORES)
-        out["baseline_model"] = b
-        out["baseline_best_score"] = best_b
-        out["baseline_best_auroc_mean"] = lco[b][best_b]["auroc_mean"]
+        b, s, auc = best(base, SCORES)
+        out.update({"baseline_model": b, "baseline_best_score": s, "baseline_best_auroc_mean": auc})
         if oe:
             m = out["flat_logit_model"]
             same = [n for n in base if (info[n].get("init_from"), info[n].get("epochs")) == (info[m].get("init_from"), info[m].get("epochs"))]
@@ -594,13 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result["models"]:
         print("error: the zoo holds no model; train one with python -m models.train", file=sys.stderr)
         return 2
-    if not args.no_write:
-        p = write_results(result, Path(args.results))
-        print(f"wrote {p}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print(results_markdown(result))
+    publish(result, SECTION, results_markdown(result), as_json=args.json, results_path=None if args.no_write else Path(args.results))
     return 0
 
 

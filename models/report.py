@@ -2,7 +2,9 @@
 markers, so each benchmark command updates its own table and leaves the rest of the file alone."""
 from __future__ import annotations
 
+import json
 import re
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
@@ -18,3 +20,11 @@ def write_results_section(name: str, markdown: str, path: Path = RESULTS) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def publish(result: dict, section: str, markdown: str, *, as_json: bool, results_path: Path | None = RESULTS) -> None:
+    """What a benchmark command prints: its section written into docs/results.md (unless
+    ``results_path`` is None), then the result as JSON or the Markdown on stdout."""
+    if results_path is not None:
+        print(f"wrote {write_results_section(section, markdown, results_path)}", file=sys.stderr)
+    print(json.dumps(result, indent=1) if as_json else markdown)
