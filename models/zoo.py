@@ -68,8 +68,19 @@ def list_models() -> list[dict]:
     return out
 
 
-def model_names(kind: str | None = "classifier") -> list[str]:
-    return [m["name"] for m in list_models() if "error" not in m and (kind is None or m["kind"] == kind)]
+#: Kinds of zoo entries that ``load_model`` returns as a ``HierarchicalClassifier``.
+CLASSIFIER_KINDS = ("classifier", "clip")
+
+
+def model_names(kind: str | None = "classifier", *, kinds: tuple[str, ...] | None = None) -> list[str]:
+    """Names of the loadable zoo models of one ``kind`` (None: any), or of any of ``kinds``."""
+    wanted = tuple(kinds) if kinds is not None else (None if kind is None else (kind,))
+    return [m["name"] for m in list_models() if "error" not in m and (wanted is None or m["kind"] in wanted)]
+
+
+def model_kind(name: str) -> str | None:
+    """The kind ("classifier", "clip") of a zoo model, or None when there is no such model."""
+    return next((m.get("kind", "classifier") for m in list_models() if m["name"] == name), None)
 
 
 def default_model_name() -> str | None:
@@ -81,10 +92,16 @@ def default_model_name() -> str | None:
 
 
 def load_model(name: str) -> tuple[HierarchicalClassifier, dict]:
-    """Load a zoo model by name (sha256-verified)."""
+    """Load a zoo model by name (sha256-verified): a classifier, or a CLIP model wrapped as a
+    :class:`~models.clip_model.ClipClassifier` (logits from its class prompt ensembles)."""
     paths = _manifest_paths()
     if name not in paths:
         raise CheckpointError(f"No model named {name!r} in the zoo ({', '.join(sorted(paths)) or 'empty'}).")
+    if read_manifest(paths[name]).get("kind") == "clip":
+        from .clip_model import ClipClassifier, load_clip_checkpoint  # open_clip: imported only when needed
+
+        pc, manifest = load_clip_checkpoint(paths[name])
+        return ClipClassifier(pc).eval(), manifest
     return load_checkpoint(paths[name])
 
 

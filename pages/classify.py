@@ -6,7 +6,6 @@ and lays it out.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -24,7 +23,9 @@ from explain.predict import Prediction, ground_truth_path, predict
 from explain.saliency import METHODS, attribute, contrast, is_signed
 from models.base import images_to_tensor
 from models.train import predict_arrays
-from pages.common import current_model, get_manifest, get_model, get_source, get_sources
+from pages.common import (current_model, get_manifest, get_model, get_source, get_sources, load_dataset_image,
+                          read_image_bytes)
+from pages.common import image_key as _key
 
 log = logging.getLogger("plankton_lens.classify")
 
@@ -52,16 +53,11 @@ class Loaded:
 
 # --- cached computations ---------------------------------------------------------------------
 @st.cache_data(show_spinner=False, max_entries=4096)
-def _read(dataset: str, relpath: str) -> bytes:
-    return get_source(dataset).read_bytes(relpath)
-
-
-@st.cache_data(show_spinner=False, max_entries=4096)
 def _thumb(dataset: str, relpath: str) -> np.ndarray | None:
     """A small RGB thumbnail of a dataset image, or None if it cannot be decoded."""
     src = get_source(dataset)
     try:
-        _, dec, _ = load_for_model(_read(dataset, relpath), 64, mode=src.mode, background=src.background)
+        _, dec, _ = load_for_model(read_image_bytes(dataset, relpath), 64, mode=src.mode, background=src.background)
     except ImageDecodeError:
         return None
     return np.asarray(fit_square(dec.image, 96, src.background).convert("RGB"))
@@ -131,24 +127,8 @@ def _select(dataset: str, relpath: str) -> None:
 
 def _load_dataset_image(model, dataset: str, relpath: str) -> Loaded | None:
     """Decode a gallery image (with its ground truth), or show why it cannot be."""
-    sources = get_sources()
-    if dataset not in sources:
-        st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
-        return None
-    man = get_manifest(dataset)
-    row = man.loc[man["relpath"] == relpath]
-    if row.empty:
-        st.error(f"There is no image {relpath!r} in the {dataset} dataset.")
-        return None
-    src = sources[dataset]
-    try:
-        fg, dec, _ = load_for_model(_read(dataset, relpath), model.preprocessing["size"], mode=src.mode, background=src.background)
-    except ImageDecodeError as e:
-        st.error(f"{relpath}: {e.message}")
-        return None
-    disp = fit_square(dec.image, DISPLAY_PX, src.background).convert("RGB")
-    link = f"{dataset}:{relpath}"
-    return Loaded(_key(fg), link, fg, disp, dec.notes, truth=str(row.iloc[0]["class"]), link=link)
+    d = load_dataset_image(dataset, relpath, model.preprocessing["size"], DISPLAY_PX)
+    return None if d is None else Loaded(d.key, d.link, d.fg, d.display, d.notes, truth=d.truth, link=d.link)
 
 
 def _short(name: str, n: int = 14) -> str:
@@ -157,10 +137,6 @@ def _short(name: str, n: int = 14) -> str:
 
 def _shuffle() -> None:
     st.session_state["g_seed"] = st.session_state.get("g_seed", 0) + 1
-
-
-def _key(fg: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(fg).tobytes()).hexdigest()[:16]
 
 
 def _gallery(model, manifest: dict) -> Loaded | None:
@@ -324,7 +300,8 @@ def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, 
         for lvl, msg in pred.contradictions.items():
             st.warning(f"Hierarchy contradiction at **{lvl}**: {msg}.", icon=":material/warning:")
         if img.truth and img.truth in heldout:
-            st.info(f"{img.truth!r} was held out of this model's training: it has never seen this class.")
+            st.info(f"{img.truth!r} was held out of this model's training: it has never seen this class"
+                    + (" (a CLIP model still names it, zero-shot, from its text prompts)." if model.arch == "clip" else "."))
     cols = st.columns(len(model.levels))
     truth_path = truth_path or {}
     for col, lvl in zip(cols, model.levels):
@@ -351,12 +328,44 @@ def _curve_fig(f: dict) -> go.Figure:
     return fig
 
 
+def _sanity(model, mkey: str, img: Loaded, x, level: str, target: str, method: str) -> None:
+    """The cascading model-randomisation check, run on request (Adebayo et al. 2018)."""
+    st.caption("Randomises the weights from the output heads downwards and measures how similar the map stays "
+               "(Spearman rank correlation and SSIM of |map|). A faithful method's map should change a lot.")
+    skey = "|".join(("sanity", mkey, img.key, level, target, method))
+    if st.button("Run model-randomisation check", key="sanity_btn"):
+        with st.spinner("Randomising layers and recomputing the map…"):
+            st.session_state[skey] = randomisation_check(model, x, level, target, method)
+    if skey in st.session_state:
+        res = pd.DataFrame(st.session_state[skey])
+        st.dataframe(res, hide_index=True, width="stretch")
+        first = res.iloc[0]["spearman"]
+        (st.success if abs(first) < 0.5 else st.warning)(
+            f"After randomising the heads the map's rank correlation with the original is {first:.2f}: "
+            + ("it depends on the learned weights." if abs(first) < 0.5 else "it changes little — treat it with care."))
+
+
+def _has_gradcam(model) -> bool:
+    """Whether the model has a convolutional block for GradCAM (a CLIP with a ViT tower has none)."""
+    try:
+        return model.gradcam_layer is not None
+    except NotImplementedError:
+        return False
+
+
 def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict, truth_path: dict | None) -> None:
     st.subheader("Why? Saliency maps")
+    has_cam = _has_gradcam(model)
+    methods = [m for m in METHODS if m != "gradcam" or has_cam]
+    if st.session_state.get("method") not in methods:
+        st.session_state.pop("method", None)
     c = st.columns([2.7, 1.5, 2, 2])
     level = c[0].radio("Level", list(model.levels), index=len(model.levels) - 1, horizontal=True, key="level")
-    method = c[1].selectbox("Method", list(METHODS), index=list(METHODS).index(DEFAULT_METHOD), format_func=METHODS.get,
-                            key="method", help="GradCAM is instant; Integrated Gradients is finer-grained (~0.2 s per level).")
+    method = c[1].selectbox("Method", methods, index=methods.index(DEFAULT_METHOD), format_func=METHODS.get,
+                            key="method", help="GradCAM is instant; Integrated Gradients is finer-grained (~0.2 s per level)."
+                            + ("" if has_cam else " GradCAM is not offered: this model's image tower has no convolutional layer."))
+    if not has_cam:
+        c[1].caption("No GradCAM: this model's image tower has no convolutional layer.")
     order = list(np.argsort(-pred.probs[level]))
     names = model.class_names[level]
     opts = [names[i] for i in order]
@@ -394,19 +403,11 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
             st.caption(f"Integrated Gradients completeness gap (|Σ attributions − logit change|): {delta:.3f}, "
                        f"{delta / total:.1%} of Σ attributions (shrinks with more steps).")
     with st.expander("Sanity check: does the map depend on what the model learned? (Adebayo et al. 2018)"):
-        st.caption("Randomises the weights from the output heads downwards and measures how similar the map stays "
-                   "(Spearman rank correlation and SSIM of |map|). A faithful method's map should change a lot.")
-        skey = "|".join(("sanity", mkey, img.key, level, target, method))
-        if st.button("Run model-randomisation check", key="sanity_btn"):
-            with st.spinner("Randomising layers and recomputing the map…"):
-                st.session_state[skey] = randomisation_check(model, x, level, target, method)
-        if skey in st.session_state:
-            res = pd.DataFrame(st.session_state[skey])
-            st.dataframe(res, hide_index=True, width="stretch")
-            first = res.iloc[0]["spearman"]
-            (st.success if abs(first) < 0.5 else st.warning)(
-                f"After randomising the heads the map's rank correlation with the original is {first:.2f}: "
-                + ("it depends on the learned weights." if abs(first) < 0.5 else "it changes little — treat it with care."))
+        if has_cam:
+            _sanity(model, mkey, img, x, level, target, method)
+        else:
+            st.info("The model-randomisation check randomises the layers after the last convolutional block; "
+                    "this model's image tower has none, so the check is not available for it.")
 
     st.subheader(f"{METHODS[method]} at every level")
     gcols = st.columns(len(model.levels))
@@ -454,6 +455,11 @@ def main() -> None:
     model, manifest = loaded
     model.eval()
     mkey = f"{manifest.get('name')}:{manifest.get('sha256')}"
+    if model.arch == "clip":
+        st.info(f"**{manifest.get('name')}** is a CLIP model used as a classifier: a class's logit is the scaled "
+                "similarity of the image to that class's text prompts, and the higher levels add up their classes' "
+                "probabilities. The text prompts behind a prediction are on the *CLIP explanations* page.",
+                icon=":material/translate:")
 
     link = st.query_params.get("image")
     if link and link != st.session_state.get(LINK_KEY):

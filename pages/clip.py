@@ -6,7 +6,6 @@ Images come from the dataset (test split), from an upload, or from a deep link
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,13 +14,14 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from data.decode import ImageDecodeError, fit_square, load_for_model
+from data.decode import ImageDecodeError, load_for_model
 from data.manifest import decoded_array
 from explain import clip as xc
 from explain.export import overlay
 from models.checkpoint import CheckpointError
 from models.zoo import list_models
-from pages.common import get_manifest, get_sources
+from pages.common import MODEL_KEY, get_manifest, get_sources, load_dataset_image
+from pages.common import image_key as _key
 
 CLIP_KEY = "clip_model_name"
 DISPLAY_PX = 256
@@ -82,33 +82,14 @@ def _saliency(model_key: str, image_key: str, prompt: str, method: str, _pc, _fg
     return xc.prompt_saliency(_pc, _fg, prompt, method)
 
 
-def _key(fg: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(fg).tobytes()).hexdigest()[:16]
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
 # --- image choice ------------------------------------------------------------------------------
 def _from_dataset(pc, dataset: str, relpath: str) -> Picked | None:
-    sources = get_sources()
-    if dataset not in sources:
-        st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
-        return None
-    man = get_manifest(dataset)
-    row = man.loc[man["relpath"] == relpath]
-    if row.empty:
-        st.error(f"There is no image {relpath!r} in the {dataset} dataset.")
-        return None
-    src = sources[dataset]
-    try:
-        fg, dec, _ = load_for_model(src.read_bytes(relpath), pc.size, mode=src.mode, background=src.background)
-    except (ImageDecodeError, FileNotFoundError) as e:
-        st.error(f"{relpath}: {getattr(e, 'message', e)}")
-        return None
-    disp = fit_square(dec.image, DISPLAY_PX, src.background).convert("RGB")
-    return Picked(_key(fg), f"{dataset}:{relpath}", fg, disp, str(row.iloc[0]["class"]))
+    d = load_dataset_image(dataset, relpath, pc.size, DISPLAY_PX)
+    return None if d is None else Picked(d.key, d.link, d.fg, d.display, d.truth)
 
 
 def _from_upload(pc) -> Picked | None:
@@ -286,6 +267,8 @@ if not models:
     st.stop()
 names = [m["name"] for m in models]
 current = st.session_state.get(CLIP_KEY)
+if current not in names and st.session_state.get(MODEL_KEY) in names:
+    current = st.session_state[MODEL_KEY]  # a CLIP model picked as the app's model
 default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
 name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
                             help="CLIP models of the zoo (kind “clip”).")

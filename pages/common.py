@@ -5,15 +5,20 @@ caches them (``st.cache_resource`` / ``st.cache_data``) and lays things out.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
+from data.decode import ImageDecodeError, fit_square, load_for_model
 from data.manifest import build_manifest
 from data.sources import DatasetNotFound, Source, available_sources, open_source
 from models.base import HierarchicalClassifier
 from models.checkpoint import CheckpointError
-from models.zoo import default_model_name, list_models, load_model, model_names
+from models.zoo import CLASSIFIER_KINDS, default_model_name, list_models, load_model, model_names
 
 MODEL_KEY = "model_name"
 
@@ -44,7 +49,8 @@ def zoo_table() -> list[dict]:
 
 @st.cache_resource(show_spinner="Loading model…")
 def get_model(name: str) -> tuple[HierarchicalClassifier, dict]:
-    """A zoo model, loaded once per server (sha256-verified)."""
+    """A zoo model, loaded once per server (sha256-verified); a CLIP model comes as a
+    ``ClipClassifier`` (its leaf logits are scaled similarities to the class prompts)."""
     return load_model(name)
 
 
@@ -64,22 +70,27 @@ def get_manifest(name: str) -> pd.DataFrame:
 
 
 def model_picker() -> str | None:
-    """Sidebar model selector shared by every page (kept in ``st.session_state``)."""
-    names = model_names()
+    """Sidebar model selector shared by every page (kept in ``st.session_state``): the zoo's
+    classifiers and its CLIP models (marked "(CLIP)"), which classify by their class prompts."""
+    names = model_names(kinds=CLASSIFIER_KINDS)
     if not names:
         st.sidebar.warning("No trained model found in the zoo.")
         return None
+    clip = set(model_names(kind="clip"))
     current = st.session_state.get(MODEL_KEY)
     if current not in names:
-        current = default_model_name()
+        current = default_model_name() or names[0]
     st.session_state[MODEL_KEY] = st.sidebar.selectbox(
         "Model", names, index=names.index(current), key="_model_select",
-        help="Models of the zoo (models/zoo); every page uses the one chosen here.")
+        format_func=lambda n: f"{n} (CLIP)" if n in clip else n,
+        help="Models of the zoo (models/zoo); every page uses the one chosen here. A CLIP model classifies an "
+             "image by its similarity to each class's text prompts.")
     return st.session_state[MODEL_KEY]
 
 
 def current_model() -> tuple[HierarchicalClassifier, dict] | None:
-    """The model chosen in the sidebar, or None (with a message) when it cannot be loaded."""
+    """The model chosen in the sidebar (a classifier or a CLIP model as a ``ClipClassifier``),
+    or None (with a message) when it cannot be loaded."""
     name = st.session_state.get(MODEL_KEY) or default_model_name()
     if not name:
         st.info("No model in the zoo yet. Train one: `python -m models.train --arch bacnn --dataset ndsb`.")
@@ -89,6 +100,52 @@ def current_model() -> tuple[HierarchicalClassifier, dict] | None:
     except CheckpointError as e:
         st.error(f"Model {name!r} could not be loaded: {e}")
         return None
+
+
+# --- dataset images decoded for a model (Classify & explain, CLIP explanations) -------------------
+@dataclass
+class DatasetImage:
+    """A dataset image as a model sees it, with a display copy and its true class."""
+
+    key: str  # stable id: sha1 of the model input (see image_key)
+    link: str  # "<dataset>:<relative path>", the pages' ``?image=`` deep-link value
+    fg: np.ndarray  # uint8 model input (S, S), foreground polarity
+    display: Image.Image  # square RGB image in its original polarity
+    notes: tuple[str, ...]  # decoding notes
+    truth: str  # true leaf class
+
+
+def image_key(fg: np.ndarray) -> str:
+    """A short stable id of a decoded image (keys the pages' caches)."""
+    return hashlib.sha1(np.ascontiguousarray(fg).tobytes()).hexdigest()[:16]
+
+
+@st.cache_data(show_spinner=False, max_entries=4096)
+def read_image_bytes(dataset: str, relpath: str) -> bytes:
+    """The raw bytes of a dataset image (cached)."""
+    return get_source(dataset).read_bytes(relpath)
+
+
+def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 256) -> DatasetImage | None:
+    """Decode a dataset image at the model's input ``size``, or show why it cannot be (None)."""
+    sources = get_sources()
+    if dataset not in sources:
+        st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
+        return None
+    man = get_manifest(dataset)
+    row = man.loc[man["relpath"] == relpath]
+    if row.empty:
+        st.error(f"There is no image {relpath!r} in the {dataset} dataset.")
+        return None
+    src = sources[dataset]
+    try:
+        fg, dec, _ = load_for_model(read_image_bytes(dataset, relpath), int(size), mode=src.mode, background=src.background)
+    except (ImageDecodeError, FileNotFoundError) as e:
+        st.error(f"{relpath}: {getattr(e, 'message', e)}")
+        return None
+    disp = fit_square(dec.image, display_px, src.background).convert("RGB")
+    return DatasetImage(image_key(fg), f"{dataset}:{relpath}", fg, disp, tuple(dec.notes), str(row.iloc[0]["class"]))
+# --- end of dataset images ----------------------------------------------------------------------
 
 
 def dataset_missing_message() -> None:
@@ -124,3 +181,4 @@ def warm_caches() -> None:
         colorize(np.zeros((2, 2), np.float32), signed=True)
     for ds in get_sources():
         get_manifest(ds)
+
