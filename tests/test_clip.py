@@ -369,6 +369,53 @@ def test_clip_classifier_is_a_hierarchical_classifier(tiny, images):
     assert m.shape == (64, 64) and np.isfinite(m).all()
 
 
+def test_zoo_loads_a_clip_entry_as_a_classifier(tiny, images, tmp_path, monkeypatch):
+    """models.zoo serves a CLIP entry to the pages as a sha256-verified ClipClassifier whose
+    per-level probabilities are distributions that agree with the taxonomy."""
+    import shutil
+
+    from explain.saliency import METHODS, attribute
+    from models.checkpoint import CheckpointError
+    from models.clip_model import ClipClassifier
+    from models.train import predict_arrays
+    from models.zoo import CLASSIFIER_KINDS, default_model_name, load_model, model_kind, model_names
+
+    assert "tiny-clip" in model_names(kinds=CLASSIFIER_KINDS) and "tiny-clip" in model_names(kinds=("clip",))
+    assert "tiny-clip" not in model_names() and model_kind("tiny-clip") == "clip" and model_kind("no-such") is None
+    assert default_model_name() != "tiny-clip"  # the default stays a classifier (ndsb-bacnn when trained)
+    model, man = load_model("tiny-clip")
+    assert isinstance(model, ClipClassifier) and not model.training
+    assert man["kind"] == "clip" and man["sha256"] == tiny["manifest"]["sha256"]
+    tax = model.taxonomy
+    assert model.levels == tuple(tax.levels) and all(model.class_names[lvl] == list(tax.names(lvl)) for lvl in tax.levels)
+    probs = predict_arrays(model, images[1][:24])
+    leaf = probs[model.levels[-1]]
+    for lvl in model.levels:
+        p = probs[lvl]
+        assert p.shape == (24, len(tax.names(lvl))) and (p >= 0).all() and np.allclose(p.sum(1), 1.0, atol=1e-5), lvl
+        assert np.allclose(p, leaf @ tax.level_matrix(lvl), atol=1e-5), lvl  # each node = the sum of its leaves
+    # The leaf prediction is the class whose prompt ensemble is most similar to the image.
+    sims = model.clip.image_features(images[1][:24]) @ model.class_text.numpy().T
+    assert (sims.argmax(1) == leaf.argmax(1)).mean() >= 0.95
+    # Every saliency method of the explain page runs on it, GradCAM on the image tower's last stage.
+    x = torch.from_numpy(images[1][:1]).float().div(255).unsqueeze(1)
+    for method in METHODS:
+        m = attribute(model, x, "class", None, method)
+        assert m.shape == (64, 64) and np.isfinite(m).all() and np.abs(m).sum() > 0, method
+    # sha256-verified like any zoo model: a damaged copy earlier in the search path is refused.
+    entry = tiny["tmp"] / "zoo" / "tiny-clip.json"
+    damaged = tmp_path / "zoo"
+    damaged.mkdir()
+    shutil.copy(entry, damaged / entry.name)
+    w = entry.with_name(man["weights"])
+    data = bytearray(w.read_bytes())
+    data[-5] ^= 0xFF
+    (damaged / w.name).write_bytes(bytes(data))
+    monkeypatch.setenv("PLANKTON_LENS_ZOO", os.pathsep.join([str(damaged), os.environ["PLANKTON_LENS_ZOO"]]))
+    with pytest.raises(CheckpointError, match="integrity"):
+        load_model("tiny-clip")
+
+
 # --- explanations ---------------------------------------------------------------------------------
 def test_prompt_ranking_contrast_and_typed_prompts(tiny, images):
     from explain.clip import PromptError, class_scores, contrast_prompts, prompt_score, rank_prompts

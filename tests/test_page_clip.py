@@ -193,3 +193,93 @@ def test_page_in_a_browser(clip_server, page):
         files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"\x89PNG\r\n\x1a\n not really"}])
     page.get_by_text("broken.png:").wait_for(timeout=60_000)
     _no_errors(page, probes)
+
+
+# --- the CLIP model as the app's classifier (sidebar picker, explain page, other pages) ------------
+def _app_with_model(name: str):
+    """app.py with ``name`` picked in the shared sidebar model picker."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
+    at.session_state["model_name"] = name  # what choosing it in the sidebar stores
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_sidebar_picker_offers_clip_models_marked(clip_zoo):
+    from models.zoo import default_model_name
+
+    at = _app_with_model("ndsb-clip")
+    sb = at.sidebar.selectbox(key="_model_select")
+    assert "ndsb-clip (CLIP)" in sb.options and sb.value == "ndsb-clip"
+    assert default_model_name() != "ndsb-clip"  # the default model stays a classifier
+
+
+def test_classify_page_with_the_clip_model(clip_zoo):
+    from explain.saliency import METHODS
+    from models.zoo import load_model
+
+    at = _app_with_model("ndsb-clip")
+    at.switch_page("pages/classify.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    assert at.session_state["model_name"] == "ndsb-clip"
+    assert any("CLIP model used as a classifier" in i.value for i in at.info)
+    model, _ = load_model("ndsb-clip")
+    # Predictions at every level, each level's top-5 bars.
+    assert "Predicted class" in [c.value for c in at.caption]
+    steps = next(m.value for m in at.markdown if m.value.startswith(f"**{model.levels[0]}**"))
+    assert all(f"**{lvl}**: " in steps for lvl in model.levels)
+    assert len(at.get("plotly_chart")) >= len(model.levels)
+    # A saliency map for the chosen level and one per level.
+    captions = [c for im in at.get("image") for c in im.captions]
+    assert sum(c.startswith("Integrated Gradients · class: ") for c in captions) == 1
+    assert all(any(c.startswith(f"{lvl}: ") for c in captions) for lvl in model.levels)
+    for method in ("gradcam", "occlusion", "smoothgrad"):
+        at.selectbox(key="method").set_value(method).run()
+        assert not at.exception, (method, [e.value for e in at.exception])
+        assert any(c.startswith(f"{METHODS[method]} · class: ") for im in at.get("image") for c in im.captions), method
+    at.radio(key="level").set_value("group").run()
+    target = next(s for s in at.selectbox if s.label == "Explain class")
+    assert {o.rsplit(" (", 1)[0] for o in target.options} == set(model.class_names["group"])
+    at.button(key="sanity_btn").click().run()
+    assert not at.exception and any("randomised" in df.value.columns for df in at.dataframe)
+
+
+def test_other_pages_with_the_clip_model(clip_zoo, tmp_path, monkeypatch):
+    """Anomalies, Neighbourhoods and Review on their quick samples, with the CLIP image tower's
+    embeddings (their own cache folder: the test model must not evict a real ndsb-clip's files)."""
+    monkeypatch.setenv("PLANKTON_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PLANKTON_LENS_QUICK_MAP", "3")
+    at = _app_with_model("ndsb-clip")
+    for page, title in (("pages/anomalies.py", "Anomalies"), ("pages/neighbourhoods.py", "Neighbourhoods"),
+                        ("pages/review.py", "Review")):
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert not at.error, (page, [e.value for e in at.error])
+        assert at.title[0].value == title and at.session_state["model_name"] == "ndsb-clip"
+        if page != "pages/review.py":
+            assert at.get("plotly_chart"), page
+
+
+def test_clip_model_on_the_explain_page_in_a_browser(clip_server, page):
+    """Pick the CLIP model in the sidebar, open Classify & explain: predictions and maps, no error."""
+    probes = _watch(page, clip_server)
+    page.goto(clip_server, timeout=120_000)
+    wait_for_app(page, 180_000)
+    page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").first.click()
+    page.get_by_role("option", name="ndsb-clip (CLIP)").click()
+    wait_for_app(page, 120_000)
+    page.locator("[data-testid='stSidebar']").get_by_role("link", name="Classify & explain").click()
+    wait_for_app(page, 300_000)
+    page.get_by_text("CLIP model used as a classifier").wait_for(timeout=180_000)
+    page.get_by_text("Integrated Gradients at every level").wait_for(timeout=300_000)
+    wait_for_app(page, 300_000)
+    assert page.get_by_text("Predicted class").is_visible()
+    assert page.locator("[data-testid='stImage']").count() >= 6  # image, map and one map per level
+    _no_errors(page, probes)
+    page.screenshot(path=str(ARTIFACTS / "classify_clip_model.png"), full_page=True)
