@@ -205,3 +205,46 @@ def placed_frame(model_name: str, dataset: str, limit_per_class: int | None = 5,
     for lvl in g.levels:
         df[f"vote_{lvl}"], df[f"vote_share_{lvl}"] = batch_vote(g, ids, lvl)
     return df
+
+
+def gallery_map_rows(gallery_rows: pd.DataFrame, map_rows: pd.DataFrame) -> np.ndarray:
+    """For each gallery image, its row number in the map table (matched on dataset and relpath),
+    or -1 when it is not on the map."""
+    pos = {(d, r): i for i, (d, r) in enumerate(zip(map_rows["dataset"], map_rows["relpath"]))}
+    return np.array([pos.get((d, r), -1) for d, r in zip(gallery_rows["dataset"], gallery_rows["relpath"])],
+                    dtype=np.int64)
+
+
+def neighbour_position(coords: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
+    """Approximate map positions (M, 2) of new images: the weighted mean of the map coordinates
+    of their nearest known images.
+
+    ``ids`` (M, k) are row numbers into ``coords`` (-1: no neighbour), ``dist`` (M, k) the
+    distances. The weights are UMAP's fuzzy memberships, ``exp(-(d - d_nearest) / sigma)`` with
+    sigma the mean excess distance, which is also how UMAP's ``transform`` initialises a new point
+    before refining it (so this is its starting position, available without numba).
+    """
+    ids = np.atleast_2d(np.asarray(ids))
+    dist = np.atleast_2d(np.asarray(dist, dtype=np.float64))
+    coords = np.asarray(coords, dtype=np.float64)
+    out = np.full((len(ids), 2), np.nan, dtype=np.float32)
+    for i, (row, d) in enumerate(zip(ids, dist)):
+        ok = (row >= 0) & np.isfinite(d)
+        if not ok.any():
+            continue
+        row, d = row[ok], d[ok]
+        excess = d - d.min()
+        sigma = excess.mean()
+        w = np.exp(-excess / sigma) if sigma > 0 else np.ones_like(d)
+        out[i] = (w[:, None] * coords[row]).sum(0) / w.sum()
+    return out
+
+
+def quick_place(coords: np.ndarray, gallery, to_map: np.ndarray, embeddings: np.ndarray,
+                k: int = UMAP_PARAMS["n_neighbors"]) -> np.ndarray:
+    """Map positions (M, 2) of new images' embeddings from their ``k`` nearest known images in
+    ``gallery`` (an :class:`explain.neighbours.Gallery`): see :func:`neighbour_position`.
+    ``to_map`` is :func:`gallery_map_rows` of the gallery and the map. Milliseconds, no UMAP."""
+    dist, ids = search(gallery.index, normalise(embeddings), k)
+    rows = np.where(ids >= 0, to_map[np.clip(ids, 0, None)], -1)
+    return neighbour_position(coords, rows, dist)

@@ -24,7 +24,7 @@ from explain.ood import CONFIG, LOGIT_SCORES, SCORE_LABELS, SCORES, auroc, fpr_a
 from explain.ood_benchmark import (Evaluation, display_image, evaluation, group_level, is_evaluated, known_group_unknown,
                                    most_anomalous, typical_index)
 from models.checkpoint import CheckpointError
-from pages.common import current_model, dataset_missing_message
+from pages.common import current_model, dataset_missing_message, run_with_progress, size_choice
 
 log = logging.getLogger("plankton_lens.anomalies")
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,31 +52,21 @@ def _image(name: str, sha: str, limit: int | None, set_name: str, i: int, size: 
 
 def _size_choice(name: str) -> int | None:
     """Full evaluation or quick sample; the full one is the default once it is cached."""
-    full_ready = is_evaluated(name)
-    options = ["Full test split", f"Quick sample ({QUICK} per class and split)"]
-    choice = st.radio("Evaluation set", options, index=0 if full_ready else 1, horizontal=True, key="ood_size",
-                      help="The full evaluation scores every image of the dataset (minutes on a CPU the first time, then "
-                           "cached); the quick sample a few per class.")
-    if choice == options[1]:
-        return QUICK
-    if not full_ready and not st.session_state.get("ood_build_full"):
-        st.info("The full evaluation has not been computed for this model yet: it scores every image of the dataset, "
-                f"{CONFIG['other_sample']:,} images of the other instrument and {3 * CONFIG['outliers_per_kind']} known "
-                "outliers once (several minutes on a CPU).")
-        if st.button("Compute the full evaluation now", icon=":material/play_arrow:", key="ood_build"):
-            st.session_state["ood_build_full"] = True
-            st.rerun()
-        st.stop()
-    return None
+    return size_choice("ood", is_evaluated(name), "Evaluation set", "Full test split",
+                       "The full evaluation scores every image of the dataset (minutes on a CPU the first time, then "
+                       "cached); the quick sample a few per class.",
+                       "The full evaluation has not been computed for this model yet: it scores every image of the "
+                       f"dataset, {CONFIG['other_sample']:,} images of the other instrument and "
+                       f"{3 * CONFIG['outliers_per_kind']} known outliers once (several minutes on a CPU).",
+                       "Compute the full evaluation now", QUICK)
 
 
 def _ensure(name: str, limit: int | None) -> None:
     """Compute the evaluation once with a progress bar (outside the resource cache)."""
     if is_evaluated(name, limit):
         return
-    bar = st.progress(0.0, text="Scoring images once for this model…")
-    evaluation(name, limit, on_progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=f"Scoring: {m}"))
-    bar.empty()
+    run_with_progress("Scoring images once for this model…",
+                      lambda on_progress: evaluation(name, limit, on_progress=on_progress), prefix="Scoring: ")
 
 
 def _colours(ev: Evaluation) -> dict[str, str]:

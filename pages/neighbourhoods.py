@@ -6,26 +6,24 @@ neighbours, projection, ood); this page caches them and lays them out.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
-import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
+from plotly.colors import qualitative
 
-from data.decode import ImageDecodeError, decode_image, fit_square, load_for_model
+from data.decode import ImageDecodeError, fit_square, load_for_model
 from data.sources import DatasetNotFound
 from explain.embeddings import compute_embeddings, load_zoo_model
-from explain.neighbours import KNN_K, Gallery, knn_score, load_gallery, neighbour_table, neighbour_vote
-from explain.projection import map_cached, map_frame, place, placed_frame
-from pages.common import MODEL_KEY, current_model, get_source, get_sources
+from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
+from explain.projection import gallery_map_rows, map_cached, map_frame, place, placed_frame, quick_place
+from pages.common import (dataset_embeddings, gallery, get_sources, logit_scores, model_with_dataset,
+                          run_with_progress, size_choice, thumbnail)
 
 log = logging.getLogger("plankton_lens.neighbourhoods")
 
-#: Images per class and split of the quick map (the full map covers the whole dataset).
-QUICK = int(os.environ.get("PLANKTON_LENS_QUICK_MAP", "10"))
 SEL_KEY = "nb_selected"  # ("dataset", relpath) or ("upload", name)
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
 THUMB = 96
@@ -38,20 +36,6 @@ ANOMALY = "#D55E00"
 def _frame(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
     """The map table (read-only: never modified by the page)."""
     return map_frame(model_name, limit)
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _embeddings(model_name: str, sha: str, limit: int | None) -> np.ndarray:
-    """Embeddings of every image on the map, aligned with the map table (read-only)."""
-    from explain.embeddings import split_embeddings
-
-    return split_embeddings(model_name, load_zoo_model(model_name)[1].get("dataset", "ndsb"), None,
-                            limit_per_class=limit)[0]
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _gallery(model_name: str, sha: str, limit: int | None) -> Gallery:
-    return load_gallery(model_name, limit)
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -68,12 +52,16 @@ def _reducer_future(model_name: str, sha: str, limit: int | None) -> Future:
     return ThreadPoolExecutor(1, thread_name_prefix="umap-warm-up").submit(job)
 
 
-def _reducer(model_name: str, sha: str, limit: int | None):
+def _reducer_if_ready(model_name: str, sha: str, limit: int | None):
+    """The warmed-up UMAP when its background preparation has finished, else None (never waits)."""
     fut = _reducer_future(model_name, sha, limit)
-    if not fut.done():
-        with st.spinner("Preparing UMAP's transform (once per server start)…"):
-            return fut.result()
-    return fut.result()
+    return fut.result() if fut.done() else None
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _gallery_rows_on_map(model_name: str, sha: str, limit: int | None) -> np.ndarray:
+    """Map row of every gallery image (for placing an upload among its nearest known images)."""
+    return gallery_map_rows(gallery(model_name, sha, limit).rows, _frame(model_name, sha, limit))
 
 
 @st.cache_resource(show_spinner="Placing ZooLake images on the map…", max_entries=4)
@@ -81,57 +69,14 @@ def _zoolake(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
     return placed_frame(model_name, "zoolake", limit_per_class=3, map_limit=limit)
 
 
-@st.cache_data(show_spinner=False, max_entries=4)
-def _logit_scores(model_name: str, sha: str, limit: int | None, dataset: str) -> dict[str, np.ndarray]:
-    """OOD scores from the logits (explain.ood), per score and level, when that module is present."""
-    from explain.embeddings import split_outputs
-
-    try:
-        from explain import ood
-    except ImportError:
-        return {}
-    o = split_outputs(model_name, dataset, None, limit_per_class=limit)
-    out = {}
-    for name in ("msp", "entropy", "energy"):
-        for lvl, z in o.logits.items():
-            out[f"{ood.SCORE_LABELS.get(name, name)} ({lvl})"] = ood.logit_score(z, name).astype(np.float32)
-    return out
-
-
-@st.cache_data(show_spinner=False, max_entries=4096)
-def _thumb(dataset: str, relpath: str) -> np.ndarray | None:
-    src = get_source(dataset)
-    try:
-        dec = decode_image(src.read_bytes(relpath), mode=src.mode, background=src.background)
-    except (ImageDecodeError, FileNotFoundError, KeyError):
-        return None
-    return np.asarray(fit_square(dec.image, THUMB, src.background).convert("RGB"))
-
-
 # --- helpers ---------------------------------------------------------------------------------------
-def _build(model_name: str, limit: int | None) -> None:
-    """Compute the map once (embeddings, neighbours, UMAP), with a progress bar."""
-    bar = st.progress(0.0, text="Building the map once…")
-    map_frame(model_name, limit, on_progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
-    bar.empty()
-
-
 def _size_choice(model_name: str) -> int | None:
     """Full map or quick sample; the full map is the default once it is cached."""
-    full_ready = map_cached(model_name)
-    options = ["Full dataset", f"Quick sample ({QUICK} per class and split)"]
-    choice = st.radio("Map", options, index=0 if full_ready else 1, horizontal=True, key="nb_size",
-                      help="The full map embeds every image (minutes on a CPU the first time, then cached).")
-    if choice == options[1]:
-        return QUICK
-    if not full_ready and not st.session_state.get("nb_build_full"):
-        st.info("The full map has not been computed for this model yet: it embeds every image of the "
-                "dataset and runs UMAP once (several minutes on a CPU), then opens in about a second.")
-        if st.button("Build the full map now", icon=":material/play_arrow:", key="nb_build"):
-            st.session_state["nb_build_full"] = True
-            st.rerun()
-        st.stop()
-    return None
+    return size_choice("nb", map_cached(model_name), "Map", "Full dataset",
+                       "The full map embeds every image (minutes on a CPU the first time, then cached).",
+                       "The full map has not been computed for this model yet: it embeds every image of the "
+                       "dataset and runs UMAP once (several minutes on a CPU), then opens in about a second.",
+                       "Build the full map now")
 
 
 def _colour_options(df: pd.DataFrame, levels: tuple[str, ...], scores: dict) -> list[str]:
@@ -154,48 +99,83 @@ def _colour_values(df: pd.DataFrame, option: str, scores: dict) -> tuple[pd.Seri
     return df[option].astype(str), False
 
 
+#: Above this many (class, colour category) pairs the map falls back to one trace per colour
+#: category with the class names as per-point hover text.
+MAX_TRACES = 260
+PALETTE = qualitative.Dark24 + qualitative.Light24 + qualitative.Alphabet
+
+
+def _hover_label(text: str) -> str:
+    """A label baked into a hovertemplate (Plotly reads ``%{`` as a placeholder)."""
+    return str(text).replace("%{", "%\u200b{").replace("<", "&lt;")
+
+
 def _figure(df: pd.DataFrame, option: str, values: pd.Series, continuous: bool, flagged: np.ndarray,
-            extra: pd.DataFrame | None, upload_xy: np.ndarray | None, revision: str = "map") -> go.Figure:
-    """The WebGL scatter. Built without plotly's per-property validation, with numeric colours
-    (codes on a discrete colour scale) and fixed-width string arrays: 30k points stay fast to send."""
-    traces = []
+            extra: pd.DataFrame | None, upload: tuple[np.ndarray, str] | None, revision: str = "map") -> go.Figure:
+    """The WebGL scatter, built to be light to send and to draw: float32 coordinates and int32
+    row numbers (``customdata``) as Plotly typed arrays, one trace per (class, colour category)
+    so that hover labels live in the traces rather than in 30k per-point strings, colour categories
+    as legend groups, and no per-property validation. ``upload``: (xy (1, 2), legend name)."""
     idx = df.index.to_numpy(np.int32)
     x, y = df["x"].to_numpy(np.float32), df["y"].to_numpy(np.float32)
-    hover = df["class"].astype(str)
-    if option != "class (true)":
-        hover = hover + "<br>" + option + ": " + (values.round(3).astype(str) if continuous else values.astype(str))
-    hover = hover.to_numpy(dtype=str)
-    palette = px.colors.qualitative.Dark24 + px.colors.qualitative.Light24 + px.colors.qualitative.Alphabet
-    base = dict(type="scattergl", mode="markers", hovertemplate="%{text}<extra></extra>")
+    cls_codes, cls_names = pd.factorize(df["class"].astype(str), sort=True)
+    base = dict(type="scattergl", mode="markers")
+    traces: list[dict] = []
+    same = option == "class (true)"
+
+    def points(m: np.ndarray) -> dict:
+        return {"x": x[m], "y": y[m], "customdata": idx[m]}
+
     if continuous:
-        traces.append({**base, "x": x, "y": y, "customdata": idx, "text": hover, "name": option, "showlegend": False,
-                       "marker": dict(size=4, color=values.to_numpy(np.float32), colorscale="Viridis", opacity=0.85,
-                                      colorbar=dict(title=dict(text=option[:28]), thickness=12))})
+        v = values.to_numpy(np.float32)
+        lo, hi = (float(np.nanmin(v)), float(np.nanmax(v))) if len(v) else (0.0, 1.0)
+        for j, c in enumerate(cls_names):
+            m = cls_codes == j
+            traces.append({**base, **points(m), "name": str(c), "showlegend": False,
+                           "hovertemplate": f"<b>{_hover_label(c)}</b><br>{_hover_label(option)}: %{{marker.color:.3f}}<extra></extra>",
+                           "marker": dict(size=4, color=v[m], colorscale="Viridis", cmin=lo, cmax=hi, opacity=0.85,
+                                          showscale=j == 0,
+                                          colorbar=dict(title=dict(text=option[:28]), thickness=12))})
     else:
-        codes, cats = pd.factorize(values, sort=True)
+        codes, cats = pd.factorize(values.astype(str), sort=True)
         n = len(cats)
-        if n <= 30:
-            for j, c in enumerate(cats):
-                m = codes == j
-                traces.append({**base, "x": x[m], "y": y[m], "customdata": idx[m], "text": hover[m], "name": str(c),
-                               "marker": dict(size=4, color=palette[j % len(palette)], opacity=0.85)})
-        else:
-            scale = [[min(1.0, (j + e) / n), palette[j % len(palette)]] for j in range(n) for e in (0, 1)]
-            traces.append({**base, "x": x, "y": y, "customdata": idx, "text": hover, "name": option, "showlegend": False,
-                           "marker": dict(size=4, color=codes.astype(np.float32) + 0.5, cmin=0, cmax=n, colorscale=scale,
-                                          opacity=0.85)})
+        legend = n <= 30
+        pair = cls_codes.astype(np.int64) * n + codes
+        order = np.argsort(pair, kind="stable")
+        keys, starts = np.unique(pair[order], return_index=True)
+        if len(keys) <= MAX_TRACES:
+            shown: set[int] = set()
+            for key, members in zip(keys, np.split(order, starts[1:])):
+                j, k = divmod(int(key), n)
+                label = f"<b>{_hover_label(cls_names[j])}</b>"
+                if not same:
+                    label += f"<br>{_hover_label(option)}: {_hover_label(cats[k])}"
+                traces.append({**base, "x": x[members], "y": y[members], "customdata": idx[members],
+                               "name": str(cats[k]), "legendgroup": str(cats[k]),
+                               "showlegend": legend and k not in shown, "hovertemplate": label + "<extra></extra>",
+                               "marker": dict(size=4, color=PALETTE[k % len(PALETTE)], opacity=0.85)})
+                shown.add(k)
+        else:  # many pairs (e.g. predicted class): one trace per category, the true class as hover text
+            for k, c in enumerate(cats):
+                m = codes == k
+                traces.append({**base, **points(m), "name": str(c), "legendgroup": str(c), "showlegend": legend,
+                               "text": cls_names.to_numpy()[cls_codes[m]],
+                               "hovertemplate": f"<b>%{{text}}</b><br>{_hover_label(option)}: {_hover_label(c)}<extra></extra>",
+                               "marker": dict(size=4, color=PALETTE[k % len(PALETTE)], opacity=0.85)})
     if flagged.any():
-        traces.append({**base, "x": x[flagged], "y": y[flagged], "customdata": idx[flagged], "text": hover[flagged],
-                       "name": "anomaly (above threshold)", "hovertemplate": "%{text}<br><b>flagged</b><extra></extra>",
+        traces.append({**base, **points(flagged), "name": "anomaly (above threshold)",
+                       "text": cls_names.to_numpy()[cls_codes[flagged]],
+                       "hovertemplate": "<b>%{text}</b><br>flagged<extra></extra>",
                        "marker": dict(size=9, color="rgba(0,0,0,0)", line=dict(color=ANOMALY, width=1.5))})
     if extra is not None and len(extra):
         traces.append({**base, "x": extra["x"].to_numpy(np.float32), "y": extra["y"].to_numpy(np.float32),
-                       "customdata": -1 - np.arange(len(extra)), "name": "ZooLake (placed)",
+                       "customdata": -1 - np.arange(len(extra), dtype=np.int32), "name": "ZooLake (placed)",
                        "text": (extra["class"].astype(str) + " (ZooLake)").to_numpy(dtype=str),
+                       "hovertemplate": "%{text}<extra></extra>",
                        "marker": dict(size=7, symbol="x", color="#000000", opacity=0.8)})
-    if upload_xy is not None:
-        traces.append({**base, "x": upload_xy[:, 0], "y": upload_xy[:, 1], "name": "your image",
-                       "hovertemplate": "your image<extra></extra>",
+    if upload is not None:
+        xy, name = upload
+        traces.append({**base, "x": xy[:, 0], "y": xy[:, 1], "name": name, "hovertemplate": f"{name}<extra></extra>",
                        "marker": dict(size=18, symbol="star", color="#F0E442", line=dict(color="black", width=1.5))})
     # The view spans the central 99 % of points (a few far outliers would squash the map);
     # "autoscale" in the toolbar shows everything.
@@ -233,7 +213,7 @@ def _neighbour_panel(g: Gallery, emb: np.ndarray, k: int, exclude: int | None, t
     for start in range(0, len(t), per_row):
         cols = st.columns(per_row)
         for col, r in zip(cols, t.iloc[start : start + per_row].to_dict("records")):
-            im = _thumb(r["dataset"], r["relpath"])
+            im = thumbnail(r["dataset"], r["relpath"])
             with col:
                 if im is not None:
                     st.image(im, width=THUMB)
@@ -252,7 +232,7 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
         return
     kind, name = sel
     if kind == "upload":
-        up = _placed_upload(model_name, sha, limit)
+        up = _placed_upload(model_name, sha, limit, df)
         if up is None:
             return
         if "error" in up:
@@ -263,7 +243,13 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
         with left:
             st.image(up["display"], caption=name, width=160)
             _score_line(score, scores_ref)
-            st.caption("Placed on the map with UMAP `transform` (the yellow star).")
+            if up["how"] == EXACT:
+                st.caption("Placed on the map with UMAP `transform` (the yellow star).")
+            else:
+                st.caption(f"Placed on the map approximately (the yellow star): at the weighted mean position of "
+                           f"its nearest known images. The exact UMAP `transform` placement replaces it as soon as "
+                           f"UMAP is ready (its first use compiles code, once per server start).")
+                _await_exact_placement(model_name, sha, limit)
         with right:
             _neighbour_panel(g, up["emb"], k, None, None, None)
         return
@@ -273,7 +259,7 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
         st.warning(f"{ds}:{rel} is not on this map (try the full map, or check the path).")
         return
     row = df.loc[hit[0]]
-    emb_all = _embeddings(model_name, sha, limit)
+    emb_all = dataset_embeddings(model_name, sha, limit, g.dataset)
     emb = emb_all[int(hit[0])] if ds == g.dataset else None
     if emb is None:
         st.warning("Neighbours are shown for images of the model's own dataset only.")
@@ -282,7 +268,7 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
     exclude = int(gid[0]) if len(gid) else None
     left, right = st.columns([1, 3])
     with left:
-        im = _thumb(ds, rel)
+        im = thumbnail(ds, rel)
         if im is not None:
             st.image(im, caption=rel.rsplit("/", 1)[-1], width=160)
         st.markdown(f"**{row['class']}**  \n{row['split']} split" + (" · held-out class" if row["heldout"] else ""))
@@ -297,27 +283,52 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
     return
 
 
-def _placed_upload(model_name: str, sha: str, limit: int | None) -> dict | None:
-    """The uploaded image's embedding, display image and map position (computed once per upload
-    and map), or ``{"error": message}`` for a file that is not a usable image."""
+EXACT = "UMAP transform"
+QUICK_PLACE = "nearest known images"
+
+
+def _placed_upload(model_name: str, sha: str, limit: int | None, df: pd.DataFrame) -> dict | None:
+    """The uploaded image's embedding, display image and map position, or ``{"error": message}``
+    for a file that is not a usable image. Computed once per upload and map.
+
+    The position is UMAP's ``transform`` (``"how": EXACT``) once the fitted UMAP is ready; until
+    then (its first use waits for numba compilation, a minute or more on a busy CPU) it is the
+    weighted mean position of the image's nearest known images (``"how": QUICK_PLACE``), which
+    is where ``transform`` starts from. The exact placement replaces it on a later rerun."""
     data, fid = st.session_state.get("nb_upload_bytes"), st.session_state.get("nb_upload_id")
     if data is None:
         return None
     key = (fid, model_name, sha, limit)
     got = st.session_state.get("nb_upload_placed")
-    if got and got["key"] == key:
-        return got
-    model, _ = load_zoo_model(model_name)
-    try:
-        fg, _, square = load_for_model(data, int(model.preprocessing["size"]), mode="L")
-    except ImageDecodeError as e:
-        got = {"key": key, "error": e.message}
-    else:
-        emb = compute_embeddings(model, fg[None])[0]
-        got = {"key": key, "emb": emb, "xy": place(_reducer(model_name, sha, limit), emb[None]),
-               "display": np.asarray(fit_square(square, 160, 255).convert("RGB"))}
-    st.session_state["nb_upload_placed"] = got
+    if not got or got["key"] != key:
+        model, _ = load_zoo_model(model_name)
+        try:
+            fg, _, square = load_for_model(data, int(model.preprocessing["size"]), mode="L")
+        except ImageDecodeError as e:
+            got = {"key": key, "error": e.message}
+        else:
+            emb = compute_embeddings(model, fg[None])[0]
+            coords = df[["x", "y"]].to_numpy(np.float32)
+            got = {"key": key, "emb": emb, "how": QUICK_PLACE,
+                   "xy": quick_place(coords, gallery(model_name, sha, limit), _gallery_rows_on_map(model_name, sha, limit),
+                                     emb[None]),
+                   "display": np.asarray(fit_square(square, 160, 255).convert("RGB"))}
+        st.session_state["nb_upload_placed"] = got
+    if "emb" in got and got["how"] != EXACT:
+        reducer = _reducer_if_ready(model_name, sha, limit)
+        if reducer is not None:
+            got = {**got, "xy": place(reducer, got["emb"][None]), "how": EXACT}
+            st.session_state["nb_upload_placed"] = got
     return got
+
+
+@st.fragment(run_every=2)
+def _await_exact_placement(model_name: str, sha: str, limit: int | None) -> None:
+    """While an upload shows its quick placement, check every 2 s whether UMAP is ready, and
+    then rerun the page so the star moves to the exact placement."""
+    got = st.session_state.get("nb_upload_placed")
+    if got and got.get("how") == QUICK_PLACE and _reducer_future(model_name, sha, limit).done():
+        st.rerun()
 
 
 def _score_line(score: float, ref: np.ndarray) -> None:
@@ -329,19 +340,11 @@ def _score_line(score: float, ref: np.ndarray) -> None:
 
 # --- page ------------------------------------------------------------------------------------------
 def main() -> None:
-    st.title("Neighbourhoods")
-    st.caption("Which known organisms does an image sit near? A 2-D UMAP map of the model's embeddings, "
-               "and the nearest images of the training set for any image.")
-    loaded = current_model()
-    if loaded is None:
+    picked = model_with_dataset("Neighbourhoods", "Which known organisms does an image sit near? A 2-D UMAP map of "
+                                "the model's embeddings, and the nearest images of the training set for any image.", "map")
+    if picked is None:
         return
-    model, manifest = loaded
-    model_name = manifest.get("name") or st.session_state.get(MODEL_KEY)
-    sha = manifest["sha256"]
-    dataset = manifest.get("dataset", "ndsb")
-    if dataset not in get_sources():
-        st.warning(f"The {dataset} dataset this model was trained on was not found, so there is nothing to map.")
-        return
+    model, manifest, model_name, sha, dataset = picked
 
     link = st.query_params.get("image")
     if link and link != st.session_state.get(LINK_KEY):
@@ -354,10 +357,10 @@ def main() -> None:
 
     limit = _size_choice(model_name)
     if not map_cached(model_name, limit_per_class=limit):
-        _build(model_name, limit)
+        run_with_progress("Building the map once…", lambda on_progress: map_frame(model_name, limit, on_progress=on_progress))
     df = _frame(model_name, sha, limit)
-    g = _gallery(model_name, sha, limit)
-    scores = _logit_scores(model_name, sha, limit, dataset)
+    g = gallery(model_name, sha, limit)
+    scores = logit_scores(model_name, sha, limit, dataset)
     val = (df["split"] == "val") & ~df["heldout"]
 
     c = st.columns([2, 2, 1, 1])
@@ -405,13 +408,14 @@ def main() -> None:
         st.session_state["nb_upload_bytes"] = up.getvalue()
         st.session_state[SEL_KEY] = ("upload", up.name)
 
-    upload_xy = None
+    star = None
     sel = st.session_state.get(SEL_KEY)
     if sel and sel[0] == "upload":  # placed before the map is drawn, so the star shows on it
-        up = _placed_upload(model_name, sha, limit)
-        upload_xy = up.get("xy") if up else None
+        up = _placed_upload(model_name, sha, limit, df)
+        if up and "xy" in up:
+            star = (up["xy"], "your image" + (" (approximate)" if up["how"] != EXACT else ""))
     with p[0]:
-        fig = _figure(df, option, values, continuous, flagged, extra, upload_xy, revision=f"{sha}-{limit}")
+        fig = _figure(df, option, values, continuous, flagged, extra, star, revision=f"{sha}-{limit}")
         event = st.plotly_chart(fig, key="nb_map", on_select="rerun", selection_mode=("points", "box", "lasso"),
                                 config={"scrollZoom": True, "displaylogo": False})
     points = (event or {}).get("selection", {}).get("points", []) if event else []

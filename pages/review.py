@@ -7,23 +7,21 @@ store and the exports are plain functions in ``explain/``; this page lays them o
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from data.decode import ImageDecodeError, decode_image, fit_square
 from explain.embeddings import is_cached
-from explain.neighbours import KNN_K, Gallery, image_frame, load_gallery, neighbour_table
+from explain.neighbours import KNN_K, Gallery, image_frame, neighbour_table
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import current_model, get_source, get_sources
+from pages.common import (dataset_embeddings, gallery, get_source, logit_scores, model_with_dataset,
+                          run_with_progress, size_choice, thumbnail)
 
 log = logging.getLogger("plankton_lens.review")
 
-QUICK = int(os.environ.get("PLANKTON_LENS_QUICK_MAP", "10"))
 POS_KEY = "rv_pos"
 KNN_LABEL = f"kNN distance (embedding, k={KNN_K})"
 
@@ -35,46 +33,6 @@ def _frame(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
     return image_frame(model_name, limit)
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _embeddings(model_name: str, sha: str, limit: int | None, dataset: str) -> np.ndarray:
-    """Embeddings aligned with the review table (read-only)."""
-    from explain.embeddings import split_embeddings
-
-    return split_embeddings(model_name, dataset, None, limit_per_class=limit)[0]
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _gallery(model_name: str, sha: str, limit: int | None) -> Gallery:
-    return load_gallery(model_name, limit)
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def _logit_scores(model_name: str, sha: str, limit: int | None, dataset: str) -> dict[str, np.ndarray]:
-    """Logit-flatness OOD scores (explain.ood) per score and level, when that module is present."""
-    from explain.embeddings import split_outputs
-
-    try:
-        from explain import ood
-    except ImportError:
-        return {}
-    o = split_outputs(model_name, dataset, None, limit_per_class=limit)
-    out = {}
-    for name in ("msp", "entropy", "energy"):
-        for lvl, z in o.logits.items():
-            out[f"{ood.SCORE_LABELS.get(name, name)} ({lvl})"] = ood.logit_score(z, name).astype(np.float32)
-    return out
-
-
-@st.cache_data(show_spinner=False, max_entries=4096)
-def _thumb(dataset: str, relpath: str, px: int = 96) -> np.ndarray | None:
-    src = get_source(dataset)
-    try:
-        dec = decode_image(src.read_bytes(relpath), mode=src.mode, background=src.background)
-    except (ImageDecodeError, FileNotFoundError, KeyError):
-        return None
-    return np.asarray(fit_square(dec.image, px, src.background).convert("RGB"))
-
-
 def _taxonomy_options(dataset: str, levels: tuple[str, ...]) -> list[tuple[str, str]]:
     """(level, name) for every node of the dataset's taxonomy, leaf level first."""
     tax = get_source(dataset).taxonomy()
@@ -83,19 +41,10 @@ def _taxonomy_options(dataset: str, levels: tuple[str, ...]) -> list[tuple[str, 
 
 # --- parts -----------------------------------------------------------------------------------------
 def _size_choice(model_name: str, dataset: str) -> int | None:
-    full_ready = is_cached(model_name, dataset)
-    options = ["Full dataset", f"Quick sample ({QUICK} per class and split)"]
-    choice = st.radio("Images", options, index=0 if full_ready else 1, horizontal=True, key="rv_size",
-                      help="The full dataset needs every image embedded once (minutes on a CPU, then cached).")
-    if choice == options[1]:
-        return QUICK
-    if not full_ready and not st.session_state.get("rv_build_full"):
-        st.info("This model has not embedded the whole dataset yet (several minutes on a CPU, once).")
-        if st.button("Embed the full dataset now", icon=":material/play_arrow:", key="rv_build"):
-            st.session_state["rv_build_full"] = True
-            st.rerun()
-        st.stop()
-    return None
+    return size_choice("rv", is_cached(model_name, dataset), "Images", "Full dataset",
+                       "The full dataset needs every image embedded once (minutes on a CPU, then cached).",
+                       "This model has not embedded the whole dataset yet (several minutes on a CPU, once).",
+                       "Embed the full dataset now")
 
 
 def _queue(df: pd.DataFrame, levels: tuple[str, ...], scores: dict[str, np.ndarray]) -> tuple[pd.DataFrame, str]:
@@ -129,7 +78,7 @@ def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...], emb: np.ndarray) 
     (``emb``: embeddings aligned with the review table)."""
     left, right = st.columns([1, 2])
     with left:
-        im = _thumb(row["dataset"], row["relpath"], 192)
+        im = thumbnail(row["dataset"], row["relpath"], 192)
         if im is not None:
             st.image(im, width=192)
         st.caption(f"`{row['dataset']}:{row['relpath']}` ({row['split']} split)  \ndataset label **{row['class']}**"
@@ -148,7 +97,7 @@ def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...], emb: np.ndarray) 
         t = neighbour_table(g, emb[int(row.name)], 5)
         cols = st.columns(5)
         for col, r in zip(cols, t.to_dict("records")):
-            th = _thumb(r["dataset"], r["relpath"])
+            th = thumbnail(r["dataset"], r["relpath"])
             if th is not None:
                 col.image(th, width=80)
             col.caption(f"{r[levels[-1]]}  \nd = {r['distance']:.3f}")
@@ -202,18 +151,12 @@ def _decisions_panel(store: ReviewStore) -> None:
 
 # --- page ------------------------------------------------------------------------------------------
 def main() -> None:
-    st.title("Review")
-    st.caption("Flagged images one by one: confirm an anomaly, assign a label, or clear it. Decisions are "
-               "saved at once, survive restarts, can be undone and exported to CSV or EcoTaxa.")
-    loaded = current_model()
-    if loaded is None:
+    picked = model_with_dataset("Review", "Flagged images one by one: confirm an anomaly, assign a label, or clear "
+                                "it. Decisions are saved at once, survive restarts, can be undone and exported to "
+                                "CSV or EcoTaxa.", "review")
+    if picked is None:
         return
-    model, manifest = loaded
-    model_name, sha = manifest["name"], manifest["sha256"]
-    dataset = manifest.get("dataset", "ndsb")
-    if dataset not in get_sources():
-        st.warning(f"The {dataset} dataset this model was trained on was not found, so there is nothing to review.")
-        return
+    model, manifest, model_name, sha, dataset = picked
     levels = tuple(model.levels)
     session = st.session_state.setdefault("rv_session", uuid.uuid4().hex[:12])
     store = ReviewStore()
@@ -223,13 +166,11 @@ def main() -> None:
     with top[1]:
         limit = _size_choice(model_name, dataset)
     if not is_cached(model_name, dataset, limit):
-        bar = st.progress(0.0, text="Scoring the dataset once…")
-        image_frame(model_name, limit, on_progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=m))
-        bar.empty()
+        run_with_progress("Scoring the dataset once…", lambda on_progress: image_frame(model_name, limit, on_progress=on_progress))
     with st.spinner("Loading scores…"):
         df = _frame(model_name, sha, limit)
-    g = _gallery(model_name, sha, limit)
-    scores = _logit_scores(model_name, sha, limit, dataset)
+    g = gallery(model_name, sha, limit)
+    scores = logit_scores(model_name, sha, limit, dataset)
 
     queue, rule = _queue(df, levels, scores)
     hide = st.checkbox("Hide images already reviewed", value=True, key="rv_hide")
@@ -257,7 +198,7 @@ def main() -> None:
         nav[2].caption(f"Image {pos + 1} of {len(queue):,}")
         row = queue.iloc[pos]
         with st.container(border=True):
-            _item(row, g, levels, _embeddings(model_name, sha, limit, dataset))
+            _item(row, g, levels, dataset_embeddings(model_name, sha, limit, dataset))
         if _decision_form(row, store, model_name, dataset, levels, session):
             if not hide:
                 st.session_state[POS_KEY] = min(pos + 1, len(queue) - 1)

@@ -234,6 +234,56 @@ def test_umap_map_is_cached_and_transform_places_images_near_their_fit(model_nam
     assert np.median(err) < 0.1 * spread, (np.median(err), spread)
 
 
+def test_neighbour_position_is_a_weighted_mean_of_the_neighbours():
+    from explain.projection import gallery_map_rows, neighbour_position
+
+    coords = np.array([[0, 0], [10, 0], [0, 10], [5, 5]], np.float32)
+    # equal distances: the plain mean; missing neighbours (-1, inf) are ignored
+    xy = neighbour_position(coords, np.array([[0, 1, -1]]), np.array([[0.3, 0.3, np.inf]]))
+    np.testing.assert_allclose(xy, [[5, 0]], atol=1e-6)
+    # the closer neighbour weighs more; no neighbour at all gives NaN
+    xy = neighbour_position(coords, np.array([[0, 1], [-1, -1]]), np.array([[0.1, 0.5], [np.inf, np.inf]]))
+    assert xy[0, 0] < 5 and np.isnan(xy[1]).all()
+    rows = pd.DataFrame({"dataset": ["d"] * 3, "relpath": ["a", "b", "c"]})
+    gal = pd.DataFrame({"dataset": ["d", "d", "e"], "relpath": ["c", "a", "a"]})
+    np.testing.assert_array_equal(gallery_map_rows(gal, rows), [2, 0, -1])
+
+
+def test_quick_place_lands_in_the_cluster_of_the_neighbours():
+    from explain.projection import gallery_map_rows, quick_place
+
+    x = _clustered(2000, centres=8)
+    rows = pd.DataFrame({"dataset": "syn", "relpath": [f"{i}.png" for i in range(len(x))], "class": "c"})
+    centre = normalise(x) @ np.ones((x.shape[1], 2), np.float32)  # a stand-in 2-D "map" of the vectors
+    g = make_gallery("m", "syn", ("class",), x[::2], rows.iloc[::2])
+    q = x[1::2][:50]
+    xy = quick_place(centre, g, gallery_map_rows(g.rows, rows), q, k=15)
+    truth = centre[1::2][:50]
+    spread = np.linalg.norm(centre.max(0) - centre.min(0))
+    assert np.median(np.linalg.norm(xy - truth, axis=1)) < 0.1 * spread
+
+
+@requires_data
+def test_quick_placement_is_near_umap_transform(model_name):
+    """The instant placement of an upload (mean of its nearest known images on the map) lands
+    close to UMAP's exact ``transform``, which it stands in for until numba is ready."""
+    from explain.embeddings import split_embeddings
+    from explain.neighbours import load_gallery
+    from explain.projection import embedding_map, gallery_map_rows, place, quick_place
+
+    m = embedding_map(model_name, limit_per_class=3)
+    emb, rows = split_embeddings(model_name, m.dataset, limit_per_class=3)
+    g = load_gallery(model_name, 3)
+    to_map = gallery_map_rows(g.rows, rows)
+    assert (to_map >= 0).all()
+    idx = np.flatnonzero((rows["split"] != "train").to_numpy())[::5][:30]  # images outside the gallery
+    quick = quick_place(m.coords, g, to_map, emb[idx])
+    exact = place(m.reducer(), emb[idx])
+    spread = np.linalg.norm(m.coords.max(0) - m.coords.min(0))
+    assert np.isfinite(quick).all()
+    assert np.median(np.linalg.norm(quick - exact, axis=1)) < 0.15 * spread
+
+
 # --- commands --------------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600,

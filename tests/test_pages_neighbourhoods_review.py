@@ -1,7 +1,9 @@
 """The "Neighbourhoods" and "Review" pages: AppTest runs and real browser sessions against ``streamlit run``."""
 from __future__ import annotations
 
+import base64
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -48,6 +50,15 @@ def test_neighbourhoods_map_path_selection_and_colours(ndsb_manifest):
     assert not at.error, [e.value for e in at.error]
     assert at.get("plotly_chart"), "no map drawn"
     assert "Click a point" in _texts(at)
+    # Light to send: float32/int32 typed arrays, class labels in trace names, per-point hover
+    # text only on the (few) highlighted anomalies.
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    main = [t for t in spec["data"] if t.get("name") != "anomaly (above threshold)"]
+    assert main[0]["x"]["dtype"] == "f4" and main[0]["customdata"]["dtype"] == "i4"
+    assert not any("text" in t for t in main)
+    n_main = sum(len(base64.b64decode(t["x"]["bdata"])) // 4 for t in main)
+    n_text = sum(len(t.get("text", [])) for t in spec["data"])
+    assert n_text < 0.2 * n_main, (n_text, n_main)
     row = ndsb_manifest[ndsb_manifest["split"] == "test"].groupby("class").head(1).iloc[5]
     at.text_input(key="nb_path").set_value(f"ndsb:{row['relpath']}").run()
     _ok(at)
@@ -268,7 +279,12 @@ def test_browser_neighbourhoods_map_click_and_upload(streamlit_server, browser, 
     Image.open(io.BytesIO(ndsb.read_bytes(rel))).save(img)
     pg.set_viewport_size({"width": 1500, "height": 1000})
     pg.locator("[data-testid='stFileUploaderDropzoneInput']").set_input_files(str(img))
-    pg.wait_for_selector("text=Placed on the map", timeout=400_000)  # the first upload waits for UMAP's numba warm-up
+    # Placed at once (at its nearest known images while UMAP's transform warms up, then exactly).
+    t0 = time.time()
+    pg.wait_for_selector("text=Placed on the map", timeout=120_000)
+    print(f"upload placed after {time.time() - t0:.1f} s")
+    assert pg.evaluate("() => document.querySelector('.js-plotly-plot').data.some(t => t.name.startsWith('your image'))")
+    pg.wait_for_selector("text=Placed on the map with UMAP", timeout=400_000)  # the exact placement follows
     wait_for_app(pg, 120_000)
     assert pg.evaluate("() => document.querySelector('.js-plotly-plot').data.some(t => t.name === 'your image')")
     _clean(pg)
