@@ -11,11 +11,13 @@ T="$PY -m models.train --dataset ndsb --no-progress"
 [ -f models/zoo/ndsb-bcnn.json ]   || $T --arch bcnn --epochs 5
 [ -f models/zoo/ndsb-sbacnn.json ] || $T --arch sbacnn --epochs 5
 # Issue 5: leave-class-out models (12 classes of data/heldout_ndsb.json held out), the baseline,
-# then the flat-logit (outlier exposure) fine-tune and, for a fair comparison, the same fine-tune without it.
+# then the flat-logit (outlier exposure) fine-tune and, for a fair comparison, the same fine-tune without it
+# (fine-tunes keep batch-norm statistics fixed: --freeze-bn auto; without it the outlier term collapsed
+# leaf accuracy to 4 % within two epochs).
 [ -f models/zoo/ndsb-bacnn-heldout.json ]    || $T --arch bacnn --holdout default --epochs 10 --name ndsb-bacnn-heldout
-[ -f models/zoo/ndsb-bacnn-heldout-oe.json ] || $T --arch bacnn --holdout default --epochs 3 --lr 1e-3 \
+[ -f models/zoo/ndsb-bacnn-heldout-oe.json ] || $T --arch bacnn --holdout default --epochs 2 --lr 1e-3 \
     --init-from ndsb-bacnn-heldout --outlier-exposure mixed --name ndsb-bacnn-heldout-oe
-[ -f models/zoo/ndsb-bacnn-heldout-ft.json ] || $T --arch bacnn --holdout default --epochs 3 --lr 1e-3 \
+[ -f models/zoo/ndsb-bacnn-heldout-ft.json ] || $T --arch bacnn --holdout default --epochs 2 --lr 1e-3 \
     --init-from ndsb-bacnn-heldout --name ndsb-bacnn-heldout-ft
 # Issue 7: the default CLIP model (contrastive, taxonomy + descriptor captions, held-out classes
 # excluded for zero-shot), trained within a 38-minute budget on 2 cores.

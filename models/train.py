@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--outlier-exposure", choices=["none", "adversarial", "chimera", "corruption", "mixed"], default="none",
                     help="add a flat-logit loss on known outliers made from each batch (models/outlier_exposure.py)")
     ap.add_argument("--oe-weight", type=float, default=0.5, help="weight of the outlier-exposure term")
+    ap.add_argument("--freeze-bn", choices=["auto", "yes", "no"], default="auto",
+                    help="keep batch-norm statistics fixed (eval mode) while training; auto: yes when fine-tuning "
+                         "(--init-from), so the loss sees the network exactly as it runs at test time")
     ap.add_argument("--init-from", default=None,
                     help="fine-tune: start from this zoo model's weights (same architecture and classes)")
     ap.add_argument("--limit-per-class", type=int, default=None, help="tiny subsets for tests")
@@ -216,8 +219,13 @@ def train(argv: list[str] | None = None) -> dict:
     probs = class_weights(train_set.labels["class"], args.sampler)
     step = start_epoch * steps_per_epoch
     t0 = time.time()
+    freeze_bn = args.freeze_bn == "yes" or (args.freeze_bn == "auto" and bool(args.init_from))
     for epoch in range(start_epoch, args.epochs):
         model.train()
+        if freeze_bn:
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                    mod.eval()
         torch.manual_seed(args.seed * 1000 + epoch)
         g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         rng = np.random.default_rng(args.seed * 1000 + epoch)
