@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.streamlit_server import streamlit_server  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as app.py and serve.py set it
 
@@ -81,61 +80,36 @@ def bench_warm(name: str, repeats: int) -> dict:
             **{f"{k}_median": statistics.median(v) for k, v in parts.items() if k != "total"}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_first_render(script: str = "serve.py", timeout_s: float = 300.0, delay_s: float = 0.0) -> dict:
     """Seconds from ``streamlit run <script>`` to the Classify & explain page's milestones;
     ``delay_s``: how long after the server answers the browser opens the page (a person
     typing the URL takes a few seconds; 0 is the worst case)."""
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-explain-streamlit-{port}.log"
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-explain-streamlit-{Path(script).stem}.log"
     out: dict[str, float] = {}
-    with sync_playwright() as pw, open(log_path, "w") as log:
+    with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
                                      args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / script), "--server.headless=true",
-             f"--server.port={port}", "--server.address=127.0.0.1", "--server.fileWatcherType=none"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{port}"
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/_stcore/health", timeout=1)
-                    break
-                except Exception:  # noqa: BLE001
-                    if proc.poll() is not None or time.perf_counter() - t0 > 60:
-                        raise RuntimeError(f"streamlit did not start; see {log_path}") from None
-                    time.sleep(0.05)
-            out["server_ready"] = time.perf_counter() - t0
-            time.sleep(delay_s)
-            ms = int(timeout_s * 1000)
-            page.goto(url + "/classify")
-            page.wait_for_selector("text=Predicted class", timeout=ms)
-            out["predictions"] = time.perf_counter() - t0
-            page.wait_for_selector("[data-testid='stImageCaption']:has-text(' · ')", timeout=ms)
-            out["saliency"] = time.perf_counter() - t0
-            page.wait_for_selector("text=Scores (JSON)", timeout=ms)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')].every(i => i.complete && i.naturalWidth > 0)",
-                timeout=ms)
-            out["complete"] = time.perf_counter() - t0
-            out["exceptions"] = page.locator("[data-testid='stException']").count()
+            with streamlit_server(REPO / script, log_path, start_timeout_s=60, poll_s=0.05) as (url, _):
+                out["server_ready"] = time.perf_counter() - t0
+                time.sleep(delay_s)
+                ms = int(timeout_s * 1000)
+                page.goto(url + "/classify")
+                page.wait_for_selector("text=Predicted class", timeout=ms)
+                out["predictions"] = time.perf_counter() - t0
+                page.wait_for_selector("[data-testid='stImageCaption']:has-text(' · ')", timeout=ms)
+                out["saliency"] = time.perf_counter() - t0
+                page.wait_for_selector("text=Scores (JSON)", timeout=ms)
+                page.wait_for_function(
+                    "() => [...document.querySelectorAll('[data-testid=\"stImage\"] img')].every(i => i.complete && i.naturalWidth > 0)",
+                    timeout=ms)
+                out["complete"] = time.perf_counter() - t0
+                out["exceptions"] = page.locator("[data-testid='stException']").count()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
             browser.close()
     return out
 

@@ -15,56 +15,29 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.streamlit_server import streamlit_server  # noqa: E402
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 MAP_READY = ("() => { const g = document.querySelector('.js-plotly-plot'); "
              "return g && g.data && g.data.length > 0 && g._fullLayout; }")
 N_POINTS = "() => document.querySelector('.js-plotly-plot')._fullData.reduce((n, t) => n + (t.x ? t.x.length : 0), 0)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server(root: Path, log_path: Path):
     """``streamlit run app.py`` of ``root`` on a free port; yields (url, pid)."""
-    port = _free_port()
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false",
-           "PLANKTON_DATASETS": os.environ.get("PLANKTON_DATASETS", str(REPO.parent / "shared" / "datasets")),
+    env = {"PLANKTON_DATASETS": os.environ.get("PLANKTON_DATASETS", str(REPO.parent / "shared" / "datasets")),
            "PLANKTON_LENS_ZOO": os.environ.get("PLANKTON_LENS_ZOO", str(REPO / "models" / "zoo"))}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.headless=true",
-                                 f"--server.port={port}", "--server.address=127.0.0.1", "--server.fileWatcherType=none"],
-                                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.time() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                    break
-                except Exception:  # noqa: BLE001
-                    if proc.poll() is not None or time.time() > deadline:
-                        raise RuntimeError(f"streamlit did not start; see {log_path}") from None
-                    time.sleep(0.5)
-            yield url, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with streamlit_server(root / "app.py", log_path, env=env, start_timeout_s=120) as (url, proc):
+        yield url, proc.pid
 
 
 def cpu_seconds(pid: int) -> float:

@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PLANKTON_LENS_DATA", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"plankton-lens-test-data-{os.getpid()}"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.streamlit_server import streamlit_server as start_server  # noqa: E402
 
 
 def _have_datasets() -> bool:
@@ -56,46 +54,13 @@ def ndsb_bytes(ndsb, ndsb_manifest):
     return [ndsb.read_bytes(r) for r in rows["relpath"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def run_streamlit_server(log_name: str = "streamlit-server.log", start_timeout_s: float = 90.0, env: dict | None = None,
                          script: str = "serve.py"):
     """``streamlit run serve.py`` (the demo's command: app.py plus a warm-up at start) on a free
     loopback port; yields its base URL, stops it on exit."""
-    port = _free_port()
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    log = open(ARTIFACTS / log_name, "w")
-    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", **(env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / script), "--server.headless=true",
-         f"--server.port={port}", "--server.address=127.0.0.1", "--server.fileWatcherType=none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + start_timeout_s
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except Exception:  # noqa: BLE001
-                if proc.poll() is not None:
-                    raise RuntimeError(f"streamlit exited early; see tests/artifacts/{log_name}") from None
-                if time.time() > deadline:
-                    raise RuntimeError(f"streamlit did not start within {start_timeout_s:.0f} s") from None
-                time.sleep(0.5)
+    with start_server(REPO / script, ARTIFACTS / log_name, env=env, start_timeout_s=start_timeout_s) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture(scope="session")
