@@ -85,11 +85,10 @@ def read_manifest(path: str | Path) -> dict:
         raise CheckpointError(f"Checkpoint manifest {p} is not valid JSON ({e}).") from None
 
 
-def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[HierarchicalClassifier, dict]:
-    """Rebuild a model from its manifest and weights; refuses a sha256 mismatch."""
-    manifest = read_manifest(path)
-    mpath = Path(path).with_suffix(".json")
-    weights = mpath.parent / manifest.get("weights", "")
+def verified_weights(path: str | Path, manifest: dict, verify: bool = True) -> Path:
+    """The weights file named by a checkpoint's manifest; a missing file or (when ``verify``) a
+    sha256 that differs from the manifest's raises :class:`CheckpointError`."""
+    weights = Path(path).with_suffix(".json").parent / manifest.get("weights", "")
     if not weights.is_file():
         raise CheckpointError(f"Weights file {weights} for checkpoint {manifest.get('name')} is missing.")
     if verify:
@@ -98,8 +97,15 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[Hierarchical
             raise CheckpointError(
                 f"Checkpoint {manifest.get('name')!r} failed its integrity check: the weights' sha256 "
                 f"({digest[:12]}…) does not match the manifest ({str(manifest.get('sha256'))[:12]}…). "
-                "The file was modified or damaged; re-download or retrain it."
+                "The file was modified or damaged; retrain it with the command in its manifest."
             )
+    return weights
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> tuple[HierarchicalClassifier, dict]:
+    """Rebuild a model from its manifest and weights; refuses a sha256 mismatch."""
+    manifest = read_manifest(path)
+    weights = verified_weights(path, manifest, verify)
     try:
         taxonomy = Taxonomy.from_dict(manifest["taxonomy"])
         model = create_model(manifest["arch"], taxonomy, manifest["config"])

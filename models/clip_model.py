@@ -41,7 +41,7 @@ from data.taxonomy import Taxonomy, load_taxonomy  # noqa: E402
 from .backbone import CompactResNet, gap  # noqa: E402
 from .base import HierarchicalClassifier, images_to_tensor  # noqa: E402
 from .captions import class_prompts, descriptors_version  # noqa: E402
-from .checkpoint import CheckpointError, code_version, read_manifest, sha256_file  # noqa: E402
+from .checkpoint import CheckpointError, code_version, read_manifest, sha256_file, verified_weights  # noqa: E402
 from .metrics import topk_accuracy  # noqa: E402
 
 __all__ = ["PlanktonClip", "ClipClassifier", "create_clip", "save_clip_checkpoint", "load_clip_checkpoint",
@@ -327,16 +327,7 @@ def load_clip_checkpoint(path: str | Path, verify: bool = True) -> tuple[Plankto
     manifest = read_manifest(path)
     if manifest.get("kind") != "clip":
         raise CheckpointError(f"Checkpoint {manifest.get('name')!r} is not a CLIP model (kind {manifest.get('kind', 'classifier')!r}).")
-    weights = Path(path).with_suffix(".json").parent / manifest.get("weights", "")
-    if not weights.is_file():
-        raise CheckpointError(f"Weights file {weights} for checkpoint {manifest.get('name')} is missing.")
-    if verify:
-        digest = sha256_file(weights)
-        if digest != manifest.get("sha256"):
-            raise CheckpointError(
-                f"Checkpoint {manifest.get('name')!r} failed its integrity check: the weights' sha256 "
-                f"({digest[:12]}…) does not match the manifest ({str(manifest.get('sha256'))[:12]}…). "
-                "The file was modified or damaged; retrain it with the command in its manifest.")
+    weights = verified_weights(path, manifest, verify)
     try:
         name = _registered_name(manifest["open_clip_model"], manifest.get("open_clip_config"))
         clip = open_clip.create_model(name, pretrained=str(weights))
