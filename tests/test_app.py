@@ -1,8 +1,11 @@
-"""The app shell in a real browser: a page URL opened first on a fresh server still gets
-app.py's navigation and the shared model picker (not Streamlit's pages/-folder fallback)."""
+"""The app shell in a real browser: a page URL opened first on a fresh ``streamlit run serve.py``
+still gets app.py's navigation and the shared model picker (not Streamlit's pages/-folder
+fallback), and the server's start-up warm-up completes."""
 from __future__ import annotations
 
-from tests.conftest import assert_no_streamlit_errors, requires_data, run_streamlit_server, wait_for_app
+import time
+
+from tests.conftest import ARTIFACTS, assert_no_streamlit_errors, requires_data, run_streamlit_server, wait_for_app
 
 
 @requires_data
@@ -23,3 +26,10 @@ def test_direct_page_url_on_a_cold_server_uses_the_app_navigation(browser):
         page.console_errors = [e for e in console if "Failed to load resource" not in e]
         assert_no_streamlit_errors(page)
         page.close()
+        # serve.py's start-up warm-up (default model, Captum, dataset indexes) finished cleanly.
+        log = ARTIFACTS / "streamlit-cold-server.log"
+        deadline = time.time() + 300
+        while "warm-up done" not in log.read_text() and time.time() < deadline:
+            time.sleep(1)
+        text = log.read_text()
+        assert "warm-up done" in text and "warm-up failed" not in text and "Traceback" not in text, text[-3000:]
