@@ -557,7 +557,7 @@ def target_lines(result: dict) -> list[str]:
                    f"{t['baseline_model']}): {yes[t['flat_logit_above_baseline']]}.")
         out.append(f"- Classification within 1 point of the same model trained without the term "
                    f"({t.get('accuracy_reference_model', t['baseline_model'])}): {yes[t['accuracy_within_1_point']]} "
-                   f"(leaf accuracy {_pct(t['accuracy_drop'])} points lower).")
+                   f"(test leaf accuracy {_pct(t['accuracy_drop'])} points lower; a negative number means higher).")
     if t.get("cross_dataset_best_auroc"):
         best = max(t["cross_dataset_best_auroc"].items(), key=lambda kv: kv[1])
         out.append(f"- ZooLake-vs-NDSB AUROC ≥ 98 %: {yes[best[1] >= 0.98]} (best {_pct(best[1])} %, {best[0]}).")
