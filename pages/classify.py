@@ -24,7 +24,7 @@ from explain.saliency import METHODS, attribute, contrast, is_signed
 from models.base import images_to_tensor
 from models.train import predict_arrays
 from pages.common import (current_model, get_manifest, get_model, get_source, get_sources, load_dataset_image,
-                          read_image_bytes)
+                          thumbnail)
 from pages.common import image_key as _key
 
 log = logging.getLogger("plankton_lens.classify")
@@ -52,17 +52,6 @@ class Loaded:
 
 
 # --- cached computations ---------------------------------------------------------------------
-@st.cache_data(show_spinner=False, max_entries=4096)
-def _thumb(dataset: str, relpath: str) -> np.ndarray | None:
-    """A small RGB thumbnail of a dataset image, or None if it cannot be decoded."""
-    src = get_source(dataset)
-    try:
-        _, dec, _ = load_for_model(read_image_bytes(dataset, relpath), 64, mode=src.mode, background=src.background)
-    except ImageDecodeError:
-        return None
-    return np.asarray(fit_square(dec.image, 96, src.background).convert("RGB"))
-
-
 @st.cache_data(show_spinner="Scoring these test images once for this model…", max_entries=32)
 def _subset_predictions(model_name: str, sha: str, dataset: str, relpaths: tuple[str, ...]) -> pd.DataFrame:
     """Leaf prediction and confidence of each image (model name + sha key the cache)."""
@@ -197,7 +186,7 @@ def _gallery(model, manifest: dict) -> Loaded | None:
     cols = st.columns(12)
     for i, (rel, name) in enumerate(zip(shown["relpath"], shown["class"])):
         with cols[i % 12]:
-            th = _thumb(ds, rel)
+            th = thumbnail(ds, rel)
             if th is None:
                 st.caption("unreadable")
             else:

@@ -13,7 +13,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from data.decode import ImageDecodeError, fit_square, load_for_model
+from data.decode import ImageDecodeError, decode_image, fit_square, load_for_model
 from data.manifest import build_manifest
 from data.sources import DatasetNotFound, Source, available_sources, open_source
 from models.base import HierarchicalClassifier
@@ -256,10 +256,6 @@ def logit_scores(model_name: str, sha: str, limit: int | None, dataset: str) -> 
 @st.cache_data(show_spinner=False, max_entries=4096)
 def thumbnail(dataset: str, relpath: str, px: int = 96):
     """A dataset image as a ``px``-pixel square RGB array, or None when it cannot be read."""
-    import numpy as np
-
-    from data.decode import ImageDecodeError, decode_image, fit_square
-
     src = get_source(dataset)
     try:
         dec = decode_image(src.read_bytes(relpath), mode=src.mode, background=src.background)
