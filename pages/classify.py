@@ -18,13 +18,17 @@ from PIL import Image
 from data.decode import ImageDecodeError, estimate_background, fit_square, load_for_model
 from data.manifest import decoded_array
 from explain import export
-from explain.faithfulness import faithfulness, random_references, randomisation_check
+from explain.faithfulness import randomisation_check
 from explain.predict import Prediction, ground_truth_path, predict
-from explain.saliency import METHODS, attribute, contrast, is_signed
+from explain.saliency import METHODS, is_signed
 from models.base import images_to_tensor
 from models.train import predict_arrays
-from pages.common import (current_model, get_manifest, get_model, get_source, get_sources, load_dataset_image,
-                          thumbnail)
+from pages.common import COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_model, gallery_sample, get_manifest, get_model, get_source, get_sources
+from pages.common import explanation_attribution as _attr
+from pages.common import explanation_contrast as _contrast
+from pages.common import explanation_faithfulness as _faith
+from pages.common import explanation_references as _references
+from pages.common import load_dataset_image, thumbnail
 from pages.common import image_key as _key
 
 log = logging.getLogger("plankton_lens.classify")
@@ -33,8 +37,6 @@ UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
 ORDERS = ["random", "misclassified only", "least confident"]
 SEL_KEY = "classify_selected"  # (dataset, relpath) of the gallery image being explained
 LINK_KEY = "classify_last_link"
-DISPLAY_PX = 256
-DEFAULT_METHOD = "integrated_gradients"
 BLUE, ORANGE, GREY = "#0072B2", "#E69F00", "#B8C4CE"  # Okabe-Ito: colour-blind safe
 
 
@@ -63,28 +65,6 @@ def _subset_predictions(model_name: str, sha: str, dataset: str, relpaths: tuple
     probs = predict_arrays(model, np.array(arr))[leaf]  # a writable copy of the memory-mapped cache
     names = np.array(model.class_names[leaf])
     return pd.DataFrame({"relpath": list(relpaths), "predicted": names[probs.argmax(1)], "confidence": probs.max(1)})
-
-
-@st.cache_data(show_spinner=False, max_entries=512)
-def _attr(model_key: str, image_key: str, level: str, target: str, method: str, signed: bool, _model, _x) -> tuple[np.ndarray, float | None]:
-    return attribute(_model, _x, level, target, method, signed=signed, return_delta=True)
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _contrast(model_key: str, image_key: str, level: str, a: str, b: str, method: str, _model, _x) -> np.ndarray:
-    return contrast(_model, _x, level, a, b, method)
-
-
-@st.cache_data(show_spinner=False, max_entries=512)
-def _references(model_key: str, image_key: str, targets: tuple[tuple[str, str], ...], _model, _x) -> dict[str, float]:
-    """Random-order AUC per (level, target), all levels in one pass."""
-    return random_references(_model, _x, dict(targets))
-
-
-@st.cache_data(show_spinner=False, max_entries=512)
-def _faith(model_key: str, image_key: str, level: str, target: str, map_key: str, ref: float, _model, _x, _attr_map) -> dict:
-    f = faithfulness(_model, _x, level, target, _attr_map, reference=ref)
-    return {**f.to_dict(), "fractions": f.curves.fractions, "deletion": f.curves.deletion, "insertion": f.curves.insertion}
 
 
 # --- image choice ----------------------------------------------------------------------------
@@ -161,7 +141,7 @@ def _gallery(model, manifest: dict) -> Loaded | None:
     seed = st.session_state.get("g_seed", 0)
     captions = {}
     if order == "random":
-        shown = sub.sample(n=min(12, len(sub)), random_state=seed)
+        shown = gallery_sample(sub, seed)
     else:
         preds = _subset_predictions(manifest.get("name"), manifest.get("sha256"), ds, tuple(sub["relpath"]))
         sub = sub.merge(preds, on="relpath")
@@ -171,7 +151,7 @@ def _gallery(model, manifest: dict) -> Loaded | None:
                 return _current_selection(model)
             sub = sub[sub["class"] != sub["predicted"]]
             st.caption(f"{len(sub):,} misclassified test images" + (f" of {len(preds):,}" if len(preds) else ""))
-            shown = sub.sample(n=min(12, len(sub)), random_state=seed) if len(sub) else sub
+            shown = gallery_sample(sub, seed) if len(sub) else sub
         else:
             shown = sub.nsmallest(12, "confidence")
             st.caption(f"The 12 test images (of {len(sub):,}) where the model's top class has the lowest probability.")
@@ -475,7 +455,8 @@ def main() -> None:
         return
 
     x = images_to_tensor(img.fg)
-    pred = predict(model, x, k=5)
+    with COMPUTE_LOCK:
+        pred = predict(model, x, k=5)
     truth_path = ground_truth_path(model, img.truth)
     st.header(img.label.rsplit("/", 1)[-1] if img.link else img.label, divider="gray")
     _predictions(model, img, pred, truth_path, list(manifest.get("heldout") or []))

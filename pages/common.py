@@ -6,6 +6,7 @@ caches them (``st.cache_resource`` / ``st.cache_data``) and lays things out.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,93 @@ def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 
 # --- end of dataset images ----------------------------------------------------------------------
 
 
+# --- Classify & explain's cached explanations (filled by the page, and by the warm-up) -------------
+DISPLAY_PX = 256  # side of the explained image as shown
+DEFAULT_METHOD = "integrated_gradients"
+GALLERY_SIZE = 12
+# One torch computation at a time: two threads (the start-up warm-up and a page run, or two
+# visitors) each running torch's 2 intra-op threads on 2 cores made every call 3-5x slower
+# (measured: Integrated Gradients 0.22 s alone, 0.9-1.2 s side by side).
+COMPUTE_LOCK = threading.RLock()
+
+
+def gallery_sample(sub: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The gallery's random pick of up to ``GALLERY_SIZE`` images (``seed``: the Shuffle count)."""
+    return sub.sample(n=min(GALLERY_SIZE, len(sub)), random_state=seed)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def explanation_attribution(model_key: str, image_key: str, level: str, target: str, method: str, signed: bool,
+                            _model, _x) -> tuple[np.ndarray, float | None]:
+    """A saliency map (and the IG convergence gap) of ``_x`` for one level and target."""
+    from explain.saliency import attribute
+    with COMPUTE_LOCK:
+        return attribute(_model, _x, level, target, method, signed=signed, return_delta=True)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def explanation_contrast(model_key: str, image_key: str, level: str, a: str, b: str, method: str, _model, _x) -> np.ndarray:
+    """"Why ``a`` rather than ``b``": the difference of the two maps."""
+    from explain.saliency import contrast
+
+    with COMPUTE_LOCK:
+        return contrast(_model, _x, level, a, b, method)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def explanation_references(model_key: str, image_key: str, targets: tuple[tuple[str, str], ...], _model, _x) -> dict[str, float]:
+    """Random-order AUC per (level, target), all levels in one pass."""
+    from explain.faithfulness import random_references
+
+    with COMPUTE_LOCK:
+        return random_references(_model, _x, dict(targets))
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def explanation_faithfulness(model_key: str, image_key: str, level: str, target: str, map_key: str, ref: float,
+                             _model, _x, _attr_map) -> dict:
+    """Deletion / insertion AUC of a map (``map_key``: its :func:`image_key`) with their curves."""
+    from explain.faithfulness import faithfulness
+
+    with COMPUTE_LOCK:
+        f = faithfulness(_model, _x, level, target, _attr_map, reference=ref)
+    return {**f.to_dict(), "fractions": f.curves.fractions, "deletion": f.curves.deletion, "insertion": f.curves.insertion}
+
+
+def warm_first_explanation(name: str) -> bool:
+    """Explain the image that Classify & explain opens with (the first test image of the default
+    gallery, default method, every level) so that the first visitor finds it in the caches, in
+    the page's order. False when there is no such image (no dataset)."""
+    from explain.predict import predict
+    from explain.saliency import is_signed
+    from models.base import images_to_tensor
+
+    model, manifest = get_model(name)
+    dataset = manifest.get("dataset")
+    if dataset not in get_sources():
+        return False
+    man = get_manifest(dataset)
+    shown = gallery_sample(man[man["split"] == "test"], 0)
+    for rel in shown["relpath"]:
+        thumbnail(dataset, rel)
+    if shown.empty or (img := load_dataset_image(dataset, shown.iloc[0]["relpath"], model.preprocessing["size"], DISPLAY_PX)) is None:
+        return False
+    model.eval()
+    mkey = f"{manifest.get('name')}:{manifest.get('sha256')}"
+    x = images_to_tensor(img.fg)
+    with COMPUTE_LOCK:
+        pred = predict(model, x, k=5)
+    method, signed = DEFAULT_METHOD, is_signed(DEFAULT_METHOD)
+    targets = {lvl: pred.path[lvl] for lvl in model.levels}
+    leaf = model.levels[-1]
+    amap, _ = explanation_attribution(mkey, img.key, leaf, targets[leaf], method, signed, model, x)
+    refs = explanation_references(mkey, img.key, tuple(targets.items()), model, x)
+    for lvl in reversed(model.levels):  # the page's order: the leaf's map, references, then the grid
+        amap, _ = explanation_attribution(mkey, img.key, lvl, targets[lvl], method, signed, model, x)
+        explanation_faithfulness(mkey, img.key, lvl, targets[lvl], image_key(amap.astype(np.float32)), refs[lvl], model, x, amap)
+    return True
+
+
 def dataset_missing_message() -> None:
     from data.paths import WHERE_TO_GET
 
@@ -166,19 +254,20 @@ def safe_source(name: str) -> Source | None:
 # --- warm-up at server start (serve.py) ------------------------------------------------------
 def warm_caches() -> None:
     """Fill the shared caches the first page view needs: torch and Captum imported, the default
-    model and the datasets' indexes loaded, one explanation run so that lazy initialisation is
-    done. Called from a background thread when the server starts; safe to call again."""
+    model and the datasets' indexes loaded, and the explanation that Classify & explain opens
+    with computed (:func:`warm_first_explanation`). Called from a background thread when the server starts; safe to call again."""
     import torch
 
     from explain.export import colorize
     from explain.saliency import attribute
 
     name = default_model_name()
-    if name is not None:
+    if name is not None and not warm_first_explanation(name):
         model, _ = get_model(name)
         x = torch.zeros(1, 1, model.preprocessing["size"], model.preprocessing["size"])
-        attribute(model, x, model.levels[-1], None, "integrated_gradients", n_steps=2)
-        colorize(np.zeros((2, 2), np.float32), signed=True)
+        with COMPUTE_LOCK:
+            attribute(model, x, model.levels[-1], None, "integrated_gradients", n_steps=2)
+    colorize(np.zeros((2, 2), np.float32), signed=True)
     for ds in get_sources():
         get_manifest(ds)
 
