@@ -21,12 +21,13 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def streamlit_server(script: Path, log_path: Path, *, env: dict | None = None, start_timeout_s: float = 90.0,
-                     poll_s: float = 0.5) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``streamlit run <script>`` (headless, no file watcher) in the script's folder; yields
-    (base URL, process) once ``/_stcore/health`` answers, and stops the server on exit."""
+                     poll_s: float = 0.5, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``streamlit run <script>`` (headless, no file watcher) in the script's folder, on ``port``
+    (default: a free one); yields (base URL, process) once ``/_stcore/health`` answers, and stops
+    the server on exit."""
     script = Path(script).resolve()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", **(env or {})}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
