@@ -34,7 +34,8 @@ from data.splits import DEFAULT_SEED
 
 from .captions import caption_table
 from .checkpoint import load_training_state, save_training_state
-from .clip_model import DEFAULT_CONFIG, ClipClassifier, PlanktonClip, create_clip, save_clip_checkpoint, zero_shot_eval
+from .clip_model import (DEFAULT_CONFIG, ClipClassifier, PlanktonClip, create_clip, load_clip, save_clip_checkpoint,
+                         zero_shot_eval)
 from .data import labels_for, load_dataset, subset
 from .base import images_to_tensor
 from .metrics import evaluate_predictions
@@ -67,7 +68,46 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--fresh", action="store_true", help="ignore a previous run's state instead of resuming")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--init-from", default=None, metavar="NAME",
+                    help="fine-tune a zoo CLIP model of the same config instead of starting from random weights")
+    ap.add_argument("--outlier-exposure", choices=CLIP_OE_KINDS, default="none",
+                    help="known outliers made from each batch (chimeras of two organisms, heavy corruptions, or both) "
+                         "whose similarities to the batch's captions are pushed to uniform (flat), as in issue 5")
+    ap.add_argument("--oe-weight", type=float, default=0.5, help="weight of the outlier-exposure term")
+    ap.add_argument("--oe-fraction", type=float, default=0.25, help="share of each batch turned into outliers")
+    ap.add_argument("--freeze-bn", choices=["auto", "yes", "no"], default="auto",
+                    help="keep the image tower's batch-norm statistics fixed (auto: yes with --init-from)")
     return ap
+
+
+CLIP_OE_KINDS = ["none", "chimera", "corruption", "mixed"]
+
+
+def clip_outliers(x: torch.Tensor, leaf: torch.Tensor, kind: str, fraction: float, g: torch.Generator) -> torch.Tensor:
+    """Known outliers made from a batch: chimeras of two organisms of different classes
+    (``models.outliers.chimeras``) and/or heavy corruptions; ``fraction`` of the batch size."""
+    from .outliers import chimeras, corruptions
+
+    n = max(2, int(round(fraction * x.shape[0])))
+    idx = torch.randperm(x.shape[0], generator=g)[:n]
+    kinds = ("chimera", "corruption") if kind == "mixed" else (kind,)
+    out = []
+    for k, sel in zip(kinds, torch.tensor_split(idx, len(kinds))):
+        if len(sel) == 0:
+            continue
+        if k == "chimera":  # partners from the whole batch, so a small part still finds other classes
+            out.append(chimeras(torch.cat([x[sel], x]), torch.cat([leaf[sel], leaf]), g)[0][: len(sel)])
+        elif k == "corruption":
+            out.append(corruptions(x[sel], g))
+        else:
+            raise ValueError(f"unknown outlier kind {k!r}; known: {CLIP_OE_KINDS[1:]}")
+    return torch.cat(out)
+
+
+def flat_similarity_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy from the uniform distribution over the texts to softmax(``logits``), minus
+    its minimum log(T): zero when an outlier is equally similar to every caption."""
+    return -(logits.log_softmax(1).mean(1)).mean() - math.log(logits.shape[1])
 
 
 def multi_positive_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
@@ -105,12 +145,17 @@ class CaptionSampler:
 
 
 def train_step(pc: PlanktonClip, opt: torch.optim.Optimizer, x: torch.Tensor, tokens: torch.Tensor,
-               positives: torch.Tensor) -> float:
+               positives: torch.Tensor, outliers: torch.Tensor | None = None, oe_weight: float = 0.0) -> float:
+    """One contrastive step; with ``outliers``, plus ``oe_weight`` × their flat-similarity loss
+    against the same captions (one image-tower pass for both)."""
     clip = pc.clip
-    img = pc.encode_image(x)
+    n = x.shape[0]
+    img = pc.encode_image(x if outliers is None else torch.cat([x, outliers]).contiguous(memory_format=torch.channels_last))
     txt = pc.encode_text_tokens(tokens)
     logits = clip.logit_scale.exp() * img @ txt.T
-    loss = multi_positive_loss(logits, positives)
+    loss = multi_positive_loss(logits[:n], positives)
+    if outliers is not None and oe_weight > 0:
+        loss = loss + oe_weight * flat_similarity_loss(logits[n:])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(clip.parameters(), 5.0)
@@ -177,7 +222,19 @@ def train(argv: list[str] | None = None) -> dict:
     held_val = subset(df, images, known_tax, "val", heldout=True)
     mean, std = float(train_set.images.mean() / 255.0), float(train_set.images.std() / 255.0)
     pp = {"size": 64, "channels": 1, "polarity": "foreground", "mean": round(mean, 4), "std": round(std, 4)}
+    base, init_sha = None, None
+    if args.init_from:
+        base, base_man = load_clip(args.init_from)
+        if sorted(base_man.get("heldout") or []) != sorted(held):
+            raise SystemExit(f"--init-from {args.init_from}: it was trained with other held-out classes")
+        pp, init_sha = dict(base_man["preprocessing"]), base_man.get("sha256")
     pc = create_clip(args.config, pp, taxonomy, held, seed=args.seed)
+    if base is not None:
+        if base.model_name != pc.model_name:
+            raise SystemExit(f"--init-from {args.init_from}: config {base.model_name!r}, not {pc.model_name!r}")
+        pc.clip.load_state_dict(base.clip.state_dict())
+        del base
+    freeze_bn = args.freeze_bn == "yes" or (args.freeze_bn == "auto" and bool(args.init_from))
     pc.clip.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(pc.clip, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     captions = CaptionSampler(pc, taxonomy, known_classes)
@@ -218,6 +275,10 @@ def train(argv: list[str] | None = None) -> dict:
     last_save = time.time()
     while epoch < args.epochs and not done:
         pc.train()
+        if freeze_bn:  # a fine-tune keeps the base model's batch-norm statistics (see models.train)
+            for m in pc.clip.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         rng = np.random.default_rng(args.seed * 1000 + epoch)
         order = rng.choice(n_train, n_train, p=probs) if probs is not None else rng.permutation(n_train)
         g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 1009 + batch)
@@ -236,7 +297,11 @@ def train(argv: list[str] | None = None) -> dict:
             idx = np.sort(order[b * bs : (b + 1) * bs])
             x = augment(images_to_tensor(train_set.images[idx]), g).contiguous(memory_format=torch.channels_last)
             tokens, pos = captions.sample(labels[idx], crng)
-            loss = train_step(pc, opt, x, tokens, pos)
+            xo = None
+            if args.outlier_exposure != "none":
+                xo = clip_outliers(x, torch.from_numpy(labels[idx].astype(np.int64)), args.outlier_exposure,
+                                   args.oe_fraction, g)
+            loss = train_step(pc, opt, x, tokens, pos, xo, args.oe_weight)
             step, batch, seen = step + 1, b + 1, seen + len(idx)
             elapsed += time.time() - t0
             run_loss = loss if run_loss is None else 0.98 * run_loss + 0.02 * loss
@@ -263,7 +328,9 @@ def train(argv: list[str] | None = None) -> dict:
         pc, Path(args.export_dir) / name, dataset=args.dataset, split_seed=DEFAULT_SEED, holdout=args.holdout,
         command=command, metrics=metrics, history=history, train_args=vars(args), train_images=n_train,
         train_steps=step, train_time_s=round(elapsed, 1), wall_time_s=round(wall0 + time.time() - t_start, 1),
-        captions=len(captions.captions),
+        captions=len(captions.captions), init_from=args.init_from, init_sha256=init_sha,
+        outlier_exposure=None if args.outlier_exposure == "none" else
+        {"kind": args.outlier_exposure, "weight": args.oe_weight, "fraction": args.oe_fraction, "freeze_bn": freeze_bn},
     )
     z = metrics.get("zero_shot", {}).get("heldout_names", {})
     print(f"saved {mpath}  test accuracy {metrics['test']['leaf']['accuracy']:.3f}  "

@@ -30,13 +30,13 @@ def tiny_config(folder: Path, name: str = "plankton-clip-test") -> Path:
     return p
 
 
-def train_tiny(tmp: Path, name: str, steps: int = 3, fresh: bool = True) -> dict:
+def train_tiny(tmp: Path, name: str, steps: int = 3, fresh: bool = True, extra: list[str] | None = None) -> dict:
     from models.clip_train import train
 
     cfg = tiny_config(tmp)
     argv = ["--config", str(cfg), "--limit-per-class", "3", "--max-steps", str(steps), "--batch-size", "48",
             "--export-dir", str(tmp / "zoo"), "--runs-dir", str(tmp / "runs"), "--name", name, "--threads", "1",
-            "--no-progress"] + (["--fresh"] if fresh else [])
+            "--no-progress"] + (["--fresh"] if fresh else []) + list(extra or [])
     return train(argv)
 
 
@@ -211,6 +211,66 @@ def test_a_few_contrastive_steps_on_real_images_lower_the_loss(tmp_path, ndsb, n
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
+def test_flat_similarity_loss_is_zero_only_when_flat():
+    from models.clip_train import flat_similarity_loss
+
+    assert abs(float(flat_similarity_loss(torch.zeros(3, 7)))) < 1e-6
+    peaked = torch.zeros(3, 7)
+    peaked[:, 0] = 8.0
+    assert float(flat_similarity_loss(peaked)) > 1.0
+
+
+def test_outlier_term_flattens_chimeras_similarities(tmp_path, ndsb, ndsb_manifest):
+    """A few contrastive steps with the flat-similarity term on real NDSB chimeras leave unseen
+    chimeras (made from other images) less matched to the captions than the same steps without it."""
+    import copy
+
+    from data.manifest import decoded_array
+    from data.taxonomy import load_taxonomy
+    from models.base import images_to_tensor
+    from models.clip_model import create_clip
+    from models.clip_train import CaptionSampler, clip_outliers, flat_similarity_loss, param_groups, train_step
+    from models.outliers import chimeras
+
+    torch.manual_seed(0)
+    tax = load_taxonomy("ndsb")
+    classes = ["chaetognath_other", "copepod_calanoid", "detritus_blob", "diatom_chain_string", "fecal_pellet",
+               "hydromedusae_narco_young", "protist_noctiluca", "trichodesmium_puff"]
+    rows = ndsb_manifest[(ndsb_manifest["split"] == "train") & ndsb_manifest["class"].isin(classes)]
+    rows = rows.sort_values("relpath").groupby("class").head(12)
+    x_all = images_to_tensor(np.array(decoded_array(ndsb, rows, 64, progress=False)))
+    y_all = torch.tensor(rows["class"].map({c: i for i, c in enumerate(classes)}).to_numpy())
+    even = torch.arange(len(x_all)) % 2 == 0
+    x, labels, x_ev, y_ev = x_all[even], y_all[even].numpy(), x_all[~even], y_all[~even]
+    base = create_clip(tiny_config(tmp_path), {"mean": 0.05, "std": 0.15}, tax)
+    base.train()
+    sampler = CaptionSampler(base, tax, classes)
+    tokens, pos = sampler.sample(labels, np.random.default_rng(0))
+    opt = torch.optim.AdamW(param_groups(base.clip, 0.01), lr=3e-3)
+    for _ in range(10):
+        train_step(base, opt, x, tokens, pos)
+    ev_chimeras, _ = chimeras(x_ev, y_ev, torch.Generator().manual_seed(9), "paste")
+
+    def non_flatness(pc) -> float:
+        pc.eval()
+        with torch.no_grad():
+            sims = pc.clip.logit_scale.exp() * pc.encode_image(ev_chimeras) @ pc.encode_text_tokens(tokens).T
+        return float(flat_similarity_loss(sims))
+
+    def finetune(with_oe: bool) -> float:
+        pc = copy.deepcopy(base)
+        pc.train()
+        o = torch.optim.AdamW(param_groups(pc.clip, 0.01), lr=1e-3)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            xo = clip_outliers(x, torch.from_numpy(labels), "chimera", 0.5, g) if with_oe else None
+            train_step(pc, o, x, tokens, pos, xo, 1.0)
+        return non_flatness(pc)
+
+    with_oe, without = finetune(True), finetune(False)
+    assert with_oe < 0.7 * without, (with_oe, without)
+
+
 # --- training command, checkpoints, zoo ---------------------------------------------------------
 def test_train_command_exports_a_clip_checkpoint_to_the_zoo(tiny):
     from models.zoo import list_models
@@ -238,6 +298,20 @@ def test_training_resumes_from_its_last_state(tiny, capsys):
     res2 = train_tiny(tiny["tmp"], "tiny-clip-resume", steps=4, fresh=False)
     assert "resuming tiny-clip-resume" in capsys.readouterr().err
     assert json.loads(Path(res2["manifest"]).read_text())["train_steps"] == 4
+
+
+def test_fine_tune_with_outlier_exposure_records_its_base_and_keeps_batch_norm(tiny):
+    from models.clip_model import load_clip_checkpoint
+
+    res = train_tiny(tiny["tmp"], "tiny-clip-oe", steps=2, extra=["--init-from", "tiny-clip", "--outlier-exposure", "mixed"])
+    pc, man = load_clip_checkpoint(res["manifest"])
+    assert man["init_from"] == "tiny-clip" and man["init_sha256"] == tiny["manifest"]["sha256"]
+    assert man["outlier_exposure"] == {"kind": "mixed", "weight": 0.5, "fraction": 0.25, "freeze_bn": True}
+    assert man["preprocessing"] == tiny["manifest"]["preprocessing"]
+    base, tuned = tiny["pc"].clip.state_dict(), pc.clip.state_dict()
+    stats = [k for k in base if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(base[k], tuned[k]) for k in stats)  # batch norm frozen in a fine-tune
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if k.endswith("weight"))  # but it did train
 
 
 def test_checkpoint_round_trip_and_tamper_refusal(tiny, tmp_path):
