@@ -457,7 +457,7 @@ def results_markdown(res: dict) -> str:
              f"Model `{res['model']}` (sha256 `{str(res.get('sha256'))[:12]}`), trained with `{res.get('command')}`"
              + (f" in {res['train_time_s'] / 60:.1f} min of training steps" if res.get("train_time_s") else "")
              + (f" ({res['wall_time_s'] / 60:.1f} min for the whole command)." if res.get("wall_time_s") else "."),
-             "Reproduce: `python -m explain.clip benchmark`.", "",
+             "Reproduce: `python -m explain.clip benchmark" + "".join(f" --compare {n}" for n in res.get("compared") or {}) + "`.", "",
              f"**Zero-shot** identification of the test images ({z['n_images']}) of the {z['n_heldout_names']} held-out classes, "
              "never seen in CLIP training, by text prompts (taxonomy path + morphological descriptors):", "",
              f"| | among the {z['n_heldout_names']} held-out names | among all {z['n_all_names']} names |", "|---|---|---|"]
@@ -476,7 +476,24 @@ def results_markdown(res: dict) -> str:
     lines += ["", "Targets (issue 7): zero-shot top-1 ≥ 50 % among the held-out names, parent accuracy ≥ 85 %, "
               "AUROC ≥ 98 % on chimeras and natural images, trained within 45 min on 2 CPU cores: "
               + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in res.get("targets", {}).items()) + "."]
+    if res.get("compared"):
+        lines += comparison_markdown(res)
     return "\n".join(lines)
+
+
+def comparison_markdown(res: dict) -> list[str]:
+    """Rows of ``res`` and of each model in ``res["compared"]``: zero-shot and anomaly AUROC."""
+    models = {res["model"]: res, **res["compared"]}
+    sets = list(res["anomaly"])
+    lines = ["", "**Compared models** (same sets; AUROC of the combined score, MCM / kNN parts in brackets):", "",
+             "| model | trained from | zero-shot top-1 (held-out names) | parent accuracy | "
+             + " | ".join(SET_LABELS.get(s, s) for s in sets) + " |", "|---" * (4 + len(sets)) + "|"]
+    for name, r in models.items():
+        z, an = r["zero_shot"], r["anomaly"]
+        cells = [f"{_pct(an[s]['auroc'])} ({_pct(an[s]['auroc_mcm'])} / {_pct(an[s]['auroc_knn'])})" if s in an else "—" for s in sets]
+        lines.append(f"| `{name}` | `{r.get('command') or '?'}` | {_pct(z['heldout_names']['top1'])} | {_pct(z['parent_accuracy'])} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def write_results(res: dict, path: Path = RESULTS) -> Path:
@@ -490,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("benchmark", help="zero-shot and anomaly tables of a zoo CLIP model")
     b.add_argument("--model", default=None, help=f"zoo CLIP model (default {DEFAULT_CLIP} or the first one)")
+    b.add_argument("--compare", nargs="*", default=[], metavar="NAME",
+                   help="other zoo CLIP models evaluated on the same sets, added as a comparison table (and under "
+                        "\"compared\" in the JSON)")
     b.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     b.add_argument("--no-write", action="store_true", help="do not update docs/results.md")
     b.add_argument("--results", default=str(RESULTS), help="Markdown file to update (default docs/results.md)")
@@ -503,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = benchmark(args.model, n_chimeras=args.chimeras, progress=True, limit_per_class=args.limit_per_class,
                         n_zoolake=args.zoolake)
+        if args.compare:
+            res["compared"] = {}
+            for other in args.compare:
+                r = benchmark(other, n_chimeras=args.chimeras, progress=True, limit_per_class=args.limit_per_class,
+                              n_zoolake=args.zoolake)
+                res["compared"][r["model"]] = {k: r.get(k) for k in ("sha256", "command", "zero_shot", "anomaly", "targets")}
     except CheckpointError as e:
         print(str(e), file=sys.stderr)
         return 1

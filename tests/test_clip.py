@@ -582,6 +582,19 @@ def test_benchmark_json_shape_and_results_section(tiny, tmp_path):
     assert re.search(r"\| top-1 \| [\d.]+ % \| [\d.]+ % \|", text)
 
 
+def test_benchmark_command_compares_models(tiny, tmp_path, capsys):
+    from explain.clip import main
+
+    md = tmp_path / "results.md"
+    assert main(["benchmark", "--model", "tiny-clip", "--compare", "tiny-clip", "--chimeras", "40", "--limit-per-class", "2",
+                 "--zoolake", "20", "--json", "--results", str(md)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["compared"]) == {"tiny-clip"} and {"zero_shot", "anomaly"} <= set(res["compared"]["tiny-clip"])
+    text = md.read_text()
+    assert "**Compared models**" in text and "--compare tiny-clip" in text
+    assert re.search(r"\| `tiny-clip` \| `python -m models.clip_train [^`]*` \| [\d.]+ % \|", text)
+
+
 # --- the trained zoo model (skipped until it exists) ------------------------------------------------
 def _trained():
     from models.clip_model import clip_model_names, load_clip
