@@ -184,22 +184,32 @@ def test_multi_positive_loss_reduces_to_clip_loss_and_ignores_shared_positives()
     assert multi_positive_loss(hi, eye) > multi_positive_loss(logits, eye)
 
 
+EIGHT_CLASSES = ["chaetognath_other", "copepod_calanoid", "detritus_blob", "diatom_chain_string", "fecal_pellet",
+                 "hydromedusae_narco_young", "protist_noctiluca", "trichodesmium_puff"]
+
+
+def _eight_class_batch(ndsb, manifest, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The first ``per_class`` training images (by file name) of eight varied classes, as model
+    input, with their indices in EIGHT_CLASSES."""
+    from data.manifest import decoded_array
+    from models.base import images_to_tensor
+
+    rows = manifest[(manifest["split"] == "train") & manifest["class"].isin(EIGHT_CLASSES)]
+    rows = rows.sort_values("relpath").groupby("class").head(per_class)
+    x = images_to_tensor(np.array(decoded_array(ndsb, rows, 64, progress=False)))
+    return x, rows["class"].map({c: i for i, c in enumerate(EIGHT_CLASSES)}).to_numpy().astype(np.int64)
+
+
 @requires_data
 def test_a_few_contrastive_steps_on_real_images_lower_the_loss(tmp_path, ndsb, ndsb_manifest):
-    from data.manifest import decoded_array
     from data.taxonomy import load_taxonomy
-    from models.base import images_to_tensor
     from models.clip_model import create_clip
     from models.clip_train import CaptionSampler, param_groups, train_step
 
     torch.manual_seed(0)
     tax = load_taxonomy("ndsb")
-    classes = ["chaetognath_other", "copepod_calanoid", "detritus_blob", "diatom_chain_string", "fecal_pellet",
-               "hydromedusae_narco_young", "protist_noctiluca", "trichodesmium_puff"]
-    rows = ndsb_manifest[(ndsb_manifest["split"] == "train") & ndsb_manifest["class"].isin(classes)]
-    rows = rows.sort_values("relpath").groupby("class").head(6)
-    x = images_to_tensor(np.array(decoded_array(ndsb, rows, 64, progress=False)))
-    labels = rows["class"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    x, labels = _eight_class_batch(ndsb, ndsb_manifest, 6)
+    classes = EIGHT_CLASSES
     pc = create_clip(tiny_config(tmp_path), {"mean": 0.05, "std": 0.15}, tax)
     pc.train()
     sampler = CaptionSampler(pc, tax, classes)
@@ -220,26 +230,22 @@ def test_flat_similarity_loss_is_zero_only_when_flat():
     assert float(flat_similarity_loss(peaked)) > 1.0
 
 
+@requires_data
 def test_outlier_term_flattens_chimeras_similarities(tmp_path, ndsb, ndsb_manifest):
     """A few contrastive steps with the flat-similarity term on real NDSB chimeras leave unseen
     chimeras (made from other images) less matched to the captions than the same steps without it."""
     import copy
 
-    from data.manifest import decoded_array
     from data.taxonomy import load_taxonomy
-    from models.base import images_to_tensor
     from models.clip_model import create_clip
     from models.clip_train import CaptionSampler, clip_outliers, flat_similarity_loss, param_groups, train_step
     from models.outliers import chimeras
 
     torch.manual_seed(0)
     tax = load_taxonomy("ndsb")
-    classes = ["chaetognath_other", "copepod_calanoid", "detritus_blob", "diatom_chain_string", "fecal_pellet",
-               "hydromedusae_narco_young", "protist_noctiluca", "trichodesmium_puff"]
-    rows = ndsb_manifest[(ndsb_manifest["split"] == "train") & ndsb_manifest["class"].isin(classes)]
-    rows = rows.sort_values("relpath").groupby("class").head(12)
-    x_all = images_to_tensor(np.array(decoded_array(ndsb, rows, 64, progress=False)))
-    y_all = torch.tensor(rows["class"].map({c: i for i, c in enumerate(classes)}).to_numpy())
+    classes = EIGHT_CLASSES
+    x_all, y_np = _eight_class_batch(ndsb, ndsb_manifest, 12)
+    y_all = torch.from_numpy(y_np)
     even = torch.arange(len(x_all)) % 2 == 0
     x, labels, x_ev, y_ev = x_all[even], y_all[even].numpy(), x_all[~even], y_all[~even]
     base = create_clip(tiny_config(tmp_path), {"mean": 0.05, "std": 0.15}, tax)
