@@ -259,3 +259,32 @@ def test_browser_gallery_pick_and_deep_link(streamlit_server, browser, ndsb_mani
     _assert_clean(pg, streamlit_server)
     ctx.close()
     print(f"browser session took {time.time() - t0:.1f} s")
+
+
+def test_start_up_warm_up_explains_the_opening_image(monkeypatch):
+    """serve.py's warm-up (pages.common.warm_first_explanation) fills exactly the cache entries
+    the page's first view reads: after it, the page opens with no attribution computed."""
+    from models.zoo import default_model_name
+    from pages.common import warm_first_explanation
+
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    assert warm_first_explanation(default_model_name())
+
+    import explain.faithfulness
+    import explain.saliency
+
+    def refuse(*a, **k):
+        raise AssertionError("computed again: the warm-up missed a cache entry the page reads")
+
+    monkeypatch.setattr(explain.saliency, "attribute", refuse)
+    monkeypatch.setattr(explain.faithfulness, "faithfulness", refuse)
+    at = _app()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    captions = [c for im in at.get("image") for c in im.captions]
+    assert sum("Integrated Gradients" in c for c in captions) == 1  # the main map, from the warmed caches
+    assert len(at.get("download_button")) == 2  # the page went on to the level grid and export
+    # and a different image does compute (the patch is live): pick the second gallery image
+    at.button(key="pick_1").click().run()
+    assert any("computed again" in str(e.value) for e in at.error)
