@@ -406,7 +406,8 @@ def benchmark(model_name: str | None = None, n_chimeras: int = 1000, seed: int =
     res = {
         "model": name, "sha256": man.get("sha256"), "command": man.get("command"), "train_time_s": man.get("train_time_s"),
         "heldout": held, "n_inliers": int(len(rows["test"])),
-        "zero_shot": {k: z[k] for k in ("heldout_names", "all_names", "parent_accuracy", "parent_level", "group_accuracy", "n_images",
+        "zero_shot": {k: z[k] for k in ("heldout_names", "all_names", "parent_accuracy", "parent_level", "group_accuracy",
+                                        "parent_accuracy_summed", "per_class_parent", "parent_siblings", "n_images",
                                         "n_heldout_names", "n_all_names", "chance_top1_heldout", "per_class_top1")},
         "anomaly": anomaly,
     }
@@ -464,10 +465,18 @@ def results_markdown(res: dict) -> str:
     for k in KS:
         lines.append(f"| top-{k} | {_pct(z['heldout_names'][f'top{k}'])} | {_pct(z['all_names'][f'top{k}'])} |")
     lines += ["", f"Parent-level ({z.get('parent_level', 'subgroup')}) accuracy of the top-1 among all names: "
-              f"{_pct(z['parent_accuracy'])} (group level: {_pct(z['group_accuracy'])}). Chance top-1 among the held-out names: {_pct(z['chance_top1_heldout'])}. "
+              f"{_pct(z['parent_accuracy'])} (group level: {_pct(z['group_accuracy'])}; the parent with the highest summed "
+              f"leaf probability: {_pct(z.get('parent_accuracy_summed', float('nan')))}). Chance top-1 among the held-out names: {_pct(z['chance_top1_heldout'])}. "
               "For reference: the seed's zero-shot top-1 was 12.86 % (top-2 100 % on its set); BioCLIP reaches 5.4 % "
-              "zero-shot top-1 on a plankton set.", "",
-              f"**Anomaly detection** against the known classes' test images ({res['n_inliers']}): AUROC of the combined "
+              "zero-shot top-1 on a plankton set."]
+    if z.get("per_class_parent"):
+        lines += ["", f"Per held-out class: zero-shot top-1 among the held-out names, and how often the top-1 among all names "
+                  f"has the right {z.get('parent_level', 'subgroup')} (siblings: the other classes of that "
+                  f"{z.get('parent_level', 'subgroup')}, seen in training):", "",
+                  "| held-out class | top-1 | parent right | siblings |", "|---|---|---|---|"]
+        lines += [f"| {c} | {_pct(z['per_class_top1'].get(c, float('nan')))} | {_pct(v)} | {z['parent_siblings'].get(c, '?')} |"
+                  for c, v in z["per_class_parent"].items()]
+    lines += ["", f"**Anomaly detection** against the known classes' test images ({res['n_inliers']}): AUROC of the combined "
               "score (MCM on the known classes' prompts + kNN distance to known images, z-scored on validation images) "
               "and of each part.", "",
               "| anomaly set | images | AUROC | MCM | kNN |", "|---|---|---|---|---|"]

@@ -483,8 +483,10 @@ def zero_shot_eval(pc: PlanktonClip, images: np.ndarray, labels: list[str], held
 
     Top-k accuracy among the held-out names and among all names of the taxonomy, and the
     parent-level accuracy: how often the top-1 class among all names has the true parent
-    (subgroup); ``group_accuracy`` the same one level up. ``labels`` are the images' true
-    class names (all in ``heldout``).
+    (subgroup); ``group_accuracy`` the same one level up; ``parent_accuracy_summed`` the parent
+    with the highest summed leaf probability (as the CLIP classifier predicts higher levels);
+    ``per_class_parent`` per held-out class, with ``parent_siblings``, the other classes of its
+    parent. ``labels`` are the images' true class names (all in ``heldout``).
     """
     tax = taxonomy or pc.taxonomy
     feats = torch.from_numpy(pc.image_features(images) if features is None else features).float()
@@ -500,11 +502,23 @@ def zero_shot_eval(pc: PlanktonClip, images: np.ndarray, labels: list[str], held
     paths = tax.table.set_index(tax.levels[-1])
     same = {lvl: paths[lvl].loc[pred].to_numpy() == paths[lvl].loc[list(labels)].to_numpy() for lvl in (parent, grand)}
     per_class = {c: float((s_held.argmax(1)[y_held == i] == i).mean()) for c, i in hpos.items() if (y_held == i).any()}
+    labels_arr = np.asarray(labels)
+    per_class_parent = {c: float(same[parent][labels_arr == c].mean()) for c in heldout if (labels_arr == c).any()}
+    # the parent as a hierarchical classifier predicts it: leaf probabilities summed per parent
+    probs = torch.softmax(torch.from_numpy(s_all) * pc.logit_scale, 1).numpy()
+    parents = sorted(set(paths[parent]))
+    ppos = {p: i for i, p in enumerate(parents)}
+    summed = np.zeros((len(labels), len(parents)))
+    np.add.at(summed.T, np.array([ppos[p] for p in paths[parent].loc[names]]), probs.T)
+    true_parent = np.array([ppos[p] for p in paths[parent].loc[list(labels)]]) if len(labels) else np.zeros(0, int)
+    siblings = {c: int((paths[parent] == paths[parent].loc[c]).sum() - 1) for c in heldout}
     return {
         "heldout_names": {f"top{k}": topk_accuracy(y_held, s_held, k) for k in ks},
         "all_names": {f"top{k}": topk_accuracy(y_all, s_all, k) for k in ks},
         "parent_accuracy": float(same[parent].mean()) if len(labels) else float("nan"), "parent_level": parent,
         "group_accuracy": float(same[grand].mean()) if len(labels) else float("nan"),
+        "parent_accuracy_summed": float((summed.argmax(1) == true_parent).mean()) if len(labels) else float("nan"),
+        "per_class_parent": per_class_parent, "parent_siblings": siblings,
         "n_images": int(len(labels)), "n_heldout_names": len(heldout),
         "n_all_names": len(names), "chance_top1_heldout": 1.0 / max(1, len(heldout)), "per_class_top1": per_class,
     }

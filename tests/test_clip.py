@@ -425,6 +425,13 @@ def test_zero_shot_eval_on_heldout_images(tiny, images):
     assert a == sorted(a) and all(0 <= v <= 1 for v in a)
     assert all(ah <= hh for ah, hh in zip(a, h))  # more candidates can only make it harder
     assert 0 <= z["parent_accuracy"] <= z["group_accuracy"] <= 1
+    assert 0 <= z["parent_accuracy_summed"] <= 1
+    assert set(z["per_class_parent"]) == set(pc.heldout)
+    assert np.isclose(np.mean(list(z["per_class_parent"].values())), z["parent_accuracy"])  # two images per class
+    tax = pc.taxonomy
+    assert z["parent_siblings"]["chaetognath_sagitta"] == 0  # the only class of "sagittid chaetognaths"
+    parent = tax.path("copepod_calanoid_eucalanus")["subgroup"]
+    assert z["parent_siblings"]["copepod_calanoid_eucalanus"] == (tax.table["subgroup"] == parent).sum() - 1 > 0
 
 
 def test_clip_classifier_is_a_hierarchical_classifier(tiny, images):
