@@ -169,6 +169,7 @@ def explanation_attribution(model_key: str, image_key: str, level: str, target: 
                             _model, _x) -> tuple[np.ndarray, float | None]:
     """A saliency map (and the IG convergence gap) of ``_x`` for one level and target."""
     from explain.saliency import attribute
+
     with COMPUTE_LOCK:
         return attribute(_model, _x, level, target, method, signed=signed, return_delta=True)
 
@@ -228,9 +229,11 @@ def warm_first_explanation(name: str) -> bool:
     method, signed = DEFAULT_METHOD, is_signed(DEFAULT_METHOD)
     targets = {lvl: pred.path[lvl] for lvl in model.levels}
     leaf = model.levels[-1]
-    amap, _ = explanation_attribution(mkey, img.key, leaf, targets[leaf], method, signed, model, x)
+    # the page's order: the leaf's map, the references, then the grid (a first visitor's page run
+    # waits on each entry the warm-up is computing and then reads it)
+    explanation_attribution(mkey, img.key, leaf, targets[leaf], method, signed, model, x)
     refs = explanation_references(mkey, img.key, tuple(targets.items()), model, x)
-    for lvl in reversed(model.levels):  # the page's order: the leaf's map, references, then the grid
+    for lvl in reversed(model.levels):
         amap, _ = explanation_attribution(mkey, img.key, lvl, targets[lvl], method, signed, model, x)
         explanation_faithfulness(mkey, img.key, lvl, targets[lvl], image_key(amap.astype(np.float32)), refs[lvl], model, x, amap)
     return True
@@ -255,7 +258,8 @@ def safe_source(name: str) -> Source | None:
 def warm_caches() -> None:
     """Fill the shared caches the first page view needs: torch and Captum imported, the default
     model and the datasets' indexes loaded, and the explanation that Classify & explain opens
-    with computed (:func:`warm_first_explanation`). Called from a background thread when the server starts; safe to call again."""
+    with computed (:func:`warm_first_explanation`). Called from a background thread when the
+    server starts; safe to call again."""
     import torch
 
     from explain.export import colorize
