@@ -23,7 +23,7 @@ import json
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -233,7 +233,13 @@ def gallery_rows(rows: pd.DataFrame, per_class: int = 1, split: str = "test", cl
 class AnomalyScorer:
     """Anomaly score of images for a CLIP model: MCM (1 − max softmax of the scaled similarities
     to the known classes' prompt ensembles) and kNN (distance to the k-th nearest known image
-    embedding), each z-scored on inlier validation images; ``combined`` is their mean."""
+    embedding), each z-scored on inlier validation images; ``combined`` is their weighted sum.
+
+    The weights come from known outliers when :meth:`fit` gets some (chimeras made from
+    validation images): each part's weight is how far its AUROC on them is above chance,
+    ``max(0, AUROC − 0.5)``, normalised; without known outliers the parts count equally. A
+    model trained with outlier exposure separates such outliers by MCM and the plain model by
+    kNN, and the weights follow; the test sets are never used."""
 
     pc: PlanktonClip
     known: list[str]
@@ -241,16 +247,24 @@ class AnomalyScorer:
     k: int
     stats: dict[str, tuple[float, float]]
     calibration: np.ndarray  # combined scores of the calibration images, sorted
+    weights: dict[str, float] = field(default_factory=dict)  # per part; empty: equal
+    weight_aurocs: dict[str, float] = field(default_factory=dict)  # each part's AUROC on the known outliers
 
     @classmethod
     def fit(cls, pc: PlanktonClip, gallery_features: np.ndarray, known: list[str], calib_features: np.ndarray,
-            k: int = KNN_K) -> "AnomalyScorer":
+            k: int = KNN_K, outlier_features: np.ndarray | None = None) -> "AnomalyScorer":
         from .neighbours import build_index, normalise
 
         k = max(1, min(k, len(gallery_features)))
         sc = cls(pc, list(known), build_index(normalise(gallery_features)), k, {}, np.zeros(0))
         comp = sc.components(calib_features)
         sc.stats = {n: (float(v.mean()), float(v.std() or 1.0)) for n, v in comp.items()}
+        if outlier_features is not None and len(outlier_features):
+            out = sc.components(outlier_features)
+            sc.weight_aurocs = {n: auroc(comp[n], out[n]) for n in comp}
+            raw = {n: max(0.0, a - 0.5) for n, a in sc.weight_aurocs.items()}
+            total = sum(raw.values())
+            sc.weights = {n: (w / total if total > 0 else 1.0 / len(raw)) for n, w in raw.items()}
         sc.calibration = np.sort(sc.score_features(calib_features)["combined"])
         return sc
 
@@ -265,8 +279,8 @@ class AnomalyScorer:
     def score_features(self, features: np.ndarray) -> dict[str, np.ndarray]:
         comp = self.components(features)
         if self.stats:
-            z = [(comp[n] - m) / s for n, (m, s) in self.stats.items()]
-            comp["combined"] = np.mean(z, axis=0)
+            w = self.weights or {n: 1.0 / len(self.stats) for n in self.stats}
+            comp["combined"] = np.sum([w[n] * (comp[n] - m) / s for n, (m, s) in self.stats.items()], axis=0)
         return comp
 
     def score(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -388,10 +402,13 @@ def benchmark(model_name: str | None = None, n_chimeras: int = 1000, seed: int =
     f_held = _features(pc, img(test_held), "test (held-out classes)", progress)
     z = zero_shot_eval(pc, img(test_held), test_held["class"].tolist(), held, tax, KS, features=f_held)
 
-    scorer = AnomalyScorer.fit(pc, feats["train"], known, feats["val"])
+    leaf_of = lambda r: r["class"].map({c: i for i, c in enumerate(tax.classes)}).to_numpy()  # noqa: E731
+    # known outliers for the weights: chimeras of validation images (the test chimeras use test images)
+    val_chimeras = make_chimeras(img(rows["val"]), leaf_of(rows["val"]), n_chimeras, seed + 1)
+    scorer = AnomalyScorer.fit(pc, feats["train"], known, feats["val"],
+                               outlier_features=_features(pc, val_chimeras, "validation chimeras (known outliers)", progress))
     inl = scorer.score_features(feats["test"])
-    leaf = rows["test"]["class"].map({c: i for i, c in enumerate(tax.classes)}).to_numpy()
-    sets = {"chimeras": make_chimeras(img(rows["test"]), leaf, n_chimeras, seed), "natural": natural_images(size)}
+    sets = {"chimeras": make_chimeras(img(rows["test"]), leaf_of(rows["test"]), n_chimeras, seed), "natural": natural_images(size)}
     zl = zoolake_images(size, n_zoolake)
     if zl is not None:
         sets["zoolake"] = zl
@@ -410,6 +427,7 @@ def benchmark(model_name: str | None = None, n_chimeras: int = 1000, seed: int =
                                         "parent_accuracy_summed", "per_class_parent", "parent_siblings", "n_images",
                                         "n_heldout_names", "n_all_names", "chance_top1_heldout", "per_class_top1")},
         "anomaly": anomaly,
+        "anomaly_weights": {"weights": scorer.weights, "validation_chimeras_auroc": scorer.weight_aurocs},
     }
     res["targets"] = {
         "zero_shot_heldout_top1": res["zero_shot"]["heldout_names"]["top1"] >= TARGETS["zero_shot_heldout_top1"],
@@ -477,8 +495,11 @@ def results_markdown(res: dict) -> str:
         lines += [f"| {c} | {_pct(z['per_class_top1'].get(c, float('nan')))} | {_pct(v)} | {z['parent_siblings'].get(c, '?')} |"
                   for c, v in z["per_class_parent"].items()]
     lines += ["", f"**Anomaly detection** against the known classes' test images ({res['n_inliers']}): AUROC of the combined "
-              "score (MCM on the known classes' prompts + kNN distance to known images, z-scored on validation images) "
-              "and of each part.", "",
+              "score (MCM on the known classes' prompts and kNN distance to known images, each z-scored on validation images, "
+              "weighted by how far each part's AUROC on chimeras of *validation* images is above chance"
+              + (": " + ", ".join(f"{n} {w:.2f} (AUROC {res['anomaly_weights']['validation_chimeras_auroc'][n]:.3f})"
+                                  for n, w in res["anomaly_weights"]["weights"].items()) if res.get("anomaly_weights", {}).get("weights") else "")
+              + ") and of each part.", "",
               "| anomaly set | images | AUROC | MCM | kNN |", "|---|---|---|---|---|"]
     for s, v in an.items():
         lines.append(f"| {SET_LABELS.get(s, s)} | {v['n']} | {_pct(v['auroc'])} | {_pct(v['auroc_mcm'])} | {_pct(v['auroc_knn'])} |")

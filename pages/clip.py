@@ -63,8 +63,11 @@ def get_scorer(name: str, path: str, dataset: str) -> xc.AnomalyScorer | None:
     rows = {s: xc.gallery_rows(man, per_class=n, split=s, classes=known) for s, n in (("train", 12), ("val", 6))}
     if any(r.empty for r in rows.values()):
         return None
-    feats = {s: pc.image_features(np.asarray(decoded_array(src, r, pc.size, progress=False))) for s, r in rows.items()}
-    return xc.AnomalyScorer.fit(pc, feats["train"], known, feats["val"])
+    arrays = {s: np.asarray(decoded_array(src, r, pc.size, progress=False)) for s, r in rows.items()}
+    feats = {s: pc.image_features(a) for s, a in arrays.items()}
+    leaf = rows["val"]["class"].map({c: i for i, c in enumerate(pc.taxonomy.classes)}).to_numpy()
+    chimeras = xc.make_chimeras(arrays["val"], leaf, len(arrays["val"]), seed=1)  # known outliers for the weights
+    return xc.AnomalyScorer.fit(pc, feats["train"], known, feats["val"], outlier_features=pc.image_features(chimeras))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -302,8 +305,11 @@ with right:
         s = scorer.score(img.fg[None])
         pct = scorer.percentile(float(s["combined"][0]))
         verdict = "unusual for this model" if pct >= 95 else "typical of known plankton"
-        st.metric("Anomaly score", f"{s['combined'][0]:+.2f}", help="Mean of the z-scored MCM (max concept matching over "
-                  "the known classes' prompts) and kNN (distance to the 10th nearest known image) scores.")
+        w = scorer.weights or {"mcm": 0.5, "knn": 0.5}
+        st.metric("Anomaly score", f"{s['combined'][0]:+.2f}", help="Weighted sum of the z-scored MCM (max concept matching "
+                  "over the known classes' prompts) and kNN (distance to the 10th nearest known image) scores; the weights "
+                  f"(MCM {w['mcm']:.2f}, kNN {w['knn']:.2f}) follow how well each part separates chimeras of validation "
+                  "images from the images themselves.")
         st.caption(f"Higher than {pct:.0f} % of known validation images: {verdict} "
                    f"(MCM {s['mcm'][0]:.3f}, kNN distance {s['knn'][0]:.3f}).")
 

@@ -570,6 +570,16 @@ def test_anomaly_sets_and_scorer(tiny, images):
     assert abs(calib["combined"].mean()) < 1e-6 and set(calib) == {"mcm", "knn", "combined"}
     assert 0 <= sc.percentile(float(np.median(calib["combined"]))) <= 100
     assert sc.percentile(1e9) == 100.0
+    assert sc.weights == {}  # no known outliers: the parts count equally
+    weighted = AnomalyScorer.fit(pc, feats[::2], known, feats[1::2], outlier_features=pc.image_features(ch))
+    assert set(weighted.weights) == {"mcm", "knn"} and abs(sum(weighted.weights.values()) - 1) < 1e-9
+    a = weighted.weight_aurocs
+    raw = {n: max(0.0, v - 0.5) for n, v in a.items()}  # above-chance AUROC on the known outliers
+    expect = {n: r / sum(raw.values()) for n, r in raw.items()} if sum(raw.values()) else {n: 0.5 for n in raw}
+    assert all(abs(weighted.weights[n] - expect[n]) < 1e-9 for n in expect)
+    z = {n: (weighted.components(feats[1::2])[n] - m) / s for n, (m, s) in weighted.stats.items()}
+    combined = weighted.score_features(feats[1::2])["combined"]
+    assert np.allclose(combined, sum(weighted.weights[n] * z[n] for n in z)) and abs(combined.mean()) < 1e-6
     assert auroc(np.zeros(5), np.ones(5)) == 1.0 and auroc(np.ones(5), np.zeros(5)) == 0.0
 
 
