@@ -476,7 +476,7 @@ def results_markdown(res: dict) -> str:
              f"Model `{res['model']}` (sha256 `{str(res.get('sha256'))[:12]}`), trained with `{res.get('command')}`"
              + (f" in {res['train_time_s'] / 60:.1f} min of training steps" if res.get("train_time_s") else "")
              + (f" ({res['wall_time_s'] / 60:.1f} min for the whole command)." if res.get("wall_time_s") else "."),
-             "Reproduce: `python -m explain.clip benchmark" + "".join(f" --compare {n}" for n in res.get("compared") or {}) + "`.", "",
+             "Reproduce: `python -m explain.clip benchmark" + (" --compare " + " ".join(res["compared"]) if res.get("compared") else "") + "`.", "",
              f"**Zero-shot** identification of the test images ({z['n_images']}) of the {z['n_heldout_names']} held-out classes, "
              "never seen in CLIP training, by text prompts (taxonomy path + morphological descriptors):", "",
              f"| | among the {z['n_heldout_names']} held-out names | among all {z['n_all_names']} names |", "|---|---|---|"]
