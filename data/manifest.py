@@ -5,6 +5,8 @@ Columns: relpath, dataset, class, living, group, subgroup, split, width, height,
 from __future__ import annotations
 
 import io
+import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -55,7 +57,9 @@ def build_manifest(src: Source, seed: int = DEFAULT_SEED, progress: bool = True,
     df["split"] = stratified_split(df, seed)
     df = df[["relpath", "dataset", "class", *LEVELS[:-1], "split", "width", "height", "bytes"]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # a writer-specific temporary name: two threads or processes (the server's start-up warm-up and
+    # a first page run) may build the same manifest at once; each replace is then atomic
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
     df.to_parquet(tmp, index=False)
     tmp.replace(path)
     return df

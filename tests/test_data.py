@@ -269,3 +269,19 @@ def test_zip_member_missing(ndsb):
     with pytest.raises(FileNotFoundError):
         ndsb.read_bytes("train/nope/0.jpg")
     assert zipfile.is_zipfile(ndsb.root)
+
+
+@requires_data
+def test_manifest_builds_concurrently_without_clashing(tmp_path, monkeypatch):
+    """The server's warm-up thread and a first page run may build the same manifest at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data.manifest import build_manifest
+    from data.sources import open_source
+
+    monkeypatch.setenv("PLANKTON_LENS_CACHE", str(tmp_path))
+    src = open_source("zoolake")
+    with ThreadPoolExecutor(3) as ex:
+        frames = list(ex.map(lambda _: build_manifest(src, progress=False), range(3)))
+    assert all(f.equals(frames[0]) for f in frames) and len(frames[0]) > 0
+    assert not list(tmp_path.rglob("*.tmp"))
