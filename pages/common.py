@@ -164,43 +164,65 @@ def gallery_sample(sub: pd.DataFrame, seed: int) -> pd.DataFrame:
     return sub.sample(n=min(GALLERY_SIZE, len(sub)), random_state=seed)
 
 
+def _stored(model_key: str, kind: str, params: dict, module, compute) -> dict:
+    """A result from the on-disk explanation store (:mod:`explain.explanation_store`), computed
+    under ``COMPUTE_LOCK`` when it is not there yet; ``module``'s source versions the entry."""
+    from explain import explanation_store as store
+
+    def locked() -> dict:
+        with COMPUTE_LOCK:
+            return compute()
+
+    return store.cached(model_key, kind, {**params, "code": store.code_version(module)}, locked)
+
+
 @st.cache_data(show_spinner=False, max_entries=512)
 def explanation_attribution(model_key: str, image_key: str, level: str, target: str, method: str, signed: bool,
                             _model, _x) -> tuple[np.ndarray, float | None]:
     """A saliency map (and the IG convergence gap) of ``_x`` for one level and target."""
-    from explain.saliency import attribute
+    from explain import saliency
 
-    with COMPUTE_LOCK:
-        return attribute(_model, _x, level, target, method, signed=signed, return_delta=True)
+    def compute() -> dict:
+        amap, delta = saliency.attribute(_model, _x, level, target, method, signed=signed, return_delta=True)
+        return {"map": np.asarray(amap), "delta": None if delta is None else float(delta)}
+
+    v = _stored(model_key, "attribution", dict(image=image_key, level=level, target=target, method=method, signed=signed),
+                saliency, compute)
+    return v["map"], v["delta"]
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def explanation_contrast(model_key: str, image_key: str, level: str, a: str, b: str, method: str, _model, _x) -> np.ndarray:
     """"Why ``a`` rather than ``b``": the difference of the two maps."""
-    from explain.saliency import contrast
+    from explain import saliency
 
-    with COMPUTE_LOCK:
-        return contrast(_model, _x, level, a, b, method)
+    v = _stored(model_key, "contrast", dict(image=image_key, level=level, a=a, b=b, method=method), saliency,
+                lambda: {"map": np.asarray(saliency.contrast(_model, _x, level, a, b, method))})
+    return v["map"]
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def explanation_references(model_key: str, image_key: str, targets: tuple[tuple[str, str], ...], _model, _x) -> dict[str, float]:
     """Random-order AUC per (level, target), all levels in one pass."""
-    from explain.faithfulness import random_references
+    from explain import faithfulness
 
-    with COMPUTE_LOCK:
-        return random_references(_model, _x, dict(targets))
+    v = _stored(model_key, "references", dict(image=image_key, targets=targets), faithfulness,
+                lambda: {"refs": {k: float(r) for k, r in faithfulness.random_references(_model, _x, dict(targets)).items()}})
+    return v["refs"]
 
 
 @st.cache_data(show_spinner=False, max_entries=512)
 def explanation_faithfulness(model_key: str, image_key: str, level: str, target: str, map_key: str, ref: float,
                              _model, _x, _attr_map) -> dict:
     """Deletion / insertion AUC of a map (``map_key``: its :func:`image_key`) with their curves."""
-    from explain.faithfulness import faithfulness
+    from explain import faithfulness
 
-    with COMPUTE_LOCK:
-        f = faithfulness(_model, _x, level, target, _attr_map, reference=ref)
-    return {**f.to_dict(), "fractions": f.curves.fractions, "deletion": f.curves.deletion, "insertion": f.curves.insertion}
+    def compute() -> dict:
+        f = faithfulness.faithfulness(_model, _x, level, target, _attr_map, reference=ref)
+        return {**f.to_dict(), "fractions": f.curves.fractions, "deletion": f.curves.deletion, "insertion": f.curves.insertion}
+
+    return _stored(model_key, "faithfulness", dict(image=image_key, level=level, target=target, map=map_key, ref=ref),
+                   faithfulness, compute)
 
 
 def warm_first_explanation(name: str) -> bool:

@@ -288,3 +288,58 @@ def test_start_up_warm_up_explains_the_opening_image(monkeypatch):
     # and a different image does compute (the patch is live): pick the second gallery image
     at.button(key="pick_1").click().run()
     assert any("computed again" in str(e.value) for e in at.error)
+
+
+def test_restarted_server_reads_explanations_from_disk(monkeypatch, tmp_path):
+    """Explanations persist on disk (explain.explanation_store): with the in-memory caches
+    cleared, as in a restarted server, the page shows an image explained before with no
+    attribution or faithfulness computed; a tampered entry is recomputed, not shown."""
+    import streamlit as st
+
+    import explain.faithfulness
+    import explain.saliency
+    from explain import explanation_store as store
+
+    monkeypatch.setattr(store, "store_dir", lambda: tmp_path)
+    st.cache_data.clear()
+    at = _app()  # computes the opening image's explanation into the empty store
+    _ok(at)
+    from models.zoo import default_model_name, load_model
+
+    n_levels = len(load_model(default_model_name())[0].levels)
+    assert sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.npz")) == \
+        ["attribution"] * n_levels + ["faithfulness"] * n_levels + ["references"]
+
+    real_attribute, real_faithfulness = explain.saliency.attribute, explain.faithfulness.faithfulness
+    calls: list[str] = []
+
+    def refuse(*a, **k):
+        calls.append("refused")
+        raise AssertionError("computed again although the explanation is on disk")
+
+    monkeypatch.setattr(explain.saliency, "attribute", refuse)
+    monkeypatch.setattr(explain.faithfulness, "faithfulness", refuse)
+    st.cache_data.clear()  # a restarted server: nothing in memory
+    at = _app()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert calls == []
+    assert sum("Integrated Gradients" in c for im in at.get("image") for c in im.captions) == 1
+    assert len(at.get("download_button")) == 2
+
+    entries = list(tmp_path.rglob("attribution-*.npz"))
+    for p in entries:
+        p.write_bytes(b"not an npz file")
+
+    def counting(*a, **k):
+        calls.append("attribute")
+        return real_attribute(*a, **k)
+
+    monkeypatch.setattr(explain.saliency, "attribute", counting)
+    monkeypatch.setattr(explain.faithfulness, "faithfulness", real_faithfulness)
+    st.cache_data.clear()
+    at = _app()
+    _ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert calls == ["attribute"] * n_levels  # each tampered map recomputed once, then stored again
+    assert all(store.load(p) is not None for p in entries)
