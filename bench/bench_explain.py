@@ -1,6 +1,7 @@
 """Speed of the "Classify & explain" page.
 
     python bench/bench_explain.py [--model NAME] [--repeats 20] [--runs 3] [--no-browser] [--scripts app.py serve.py]
+                                  [--store disk|empty|both]
 
 Prints, for the default zoo model on this machine:
 1. warm predict + Integrated Gradients (32 steps) + GradCAM for one real NDSB test image
@@ -11,13 +12,17 @@ Prints, for the default zoo model on this machine:
    until the server answers, the predictions are shown, the main saliency map is shown and the
    page has finished (maps, faithfulness badges and export for every level; budget 5 s), the
    median of ``--runs`` interleaved runs, with a new browser profile and with a browser that has
-   opened the app before, and the CPU seconds the server and the browser used meanwhile.
+   opened the app before, and the CPU seconds the server and the browser used meanwhile; with
+   the opening image's explanation already on disk (a restarted server) and with an empty
+   explanation store (a first start ever).
 The machine's load average is printed too: other processes on the cores slow everything
 (and torch's spinning OpenMP threads suffer most: compare ``--threads 1``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import os
 import platform
 import statistics
@@ -106,8 +111,28 @@ def _browser_pids() -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def _server_cache(empty_store: bool):
+    """Environment for a server whose disk caches (dataset indexes, embeddings…) are the usual
+    ones but, with ``empty_store``, whose explanation store is empty: a temporary cache folder
+    linking every entry of the real one except ``explanations``."""
+    if not empty_store:
+        yield {}
+        return
+    import tempfile
+
+    from data.paths import cache_dir
+
+    real = cache_dir()
+    with tempfile.TemporaryDirectory(prefix="bench-explain-cache-") as tmp:
+        for entry in real.iterdir():
+            if entry.name != "explanations":
+                (Path(tmp) / entry.name).symlink_to(entry)
+        yield {"PLANKTON_LENS_CACHE": tmp}
+
+
 def bench_first_render(script: str = "serve.py", timeout_s: float = 300.0, delay_s: float = 0.0,
-                       browser_cache: bool = False) -> dict:
+                       browser_cache: bool = False, empty_store: bool = False) -> dict:
     """Seconds from ``streamlit run <script>`` to the Classify & explain page's milestones, and the
     CPU seconds the server and the browser used until the page was complete.
 
@@ -115,7 +140,9 @@ def bench_first_render(script: str = "serve.py", timeout_s: float = 300.0, delay
     the URL takes a few seconds; 0 is the worst case). ``browser_cache``: the browser has opened
     the app before (a first server is started and visited on the same port, then stopped), as
     at a demo where the server is restarted; otherwise a new browser profile loads Streamlit's
-    and Plotly's JavaScript for the first time."""
+    and Plotly's JavaScript for the first time. ``empty_store``: the measured server starts
+    with no explanation on disk (a first start ever); otherwise the opening image's explanation
+    is on disk from an earlier start (:mod:`explain.explanation_store`)."""
     import tempfile
 
     from playwright.sync_api import sync_playwright
@@ -133,14 +160,16 @@ def bench_first_render(script: str = "serve.py", timeout_s: float = 300.0, delay
         ms = int(timeout_s * 1000)
         try:
             if browser_cache:
-                with streamlit_server(REPO / script, log_path, start_timeout_s=60, poll_s=0.05, port=port) as (url, _):
+                with _server_cache(empty_store) as env, \
+                        streamlit_server(REPO / script, log_path, start_timeout_s=60, poll_s=0.05, port=port, env=env) as (url, _):
                     page.goto(url + "/classify")
                     page.wait_for_selector("text=Scores (JSON)", timeout=ms)
                 page.goto("about:blank")
                 time.sleep(1.0)
             cpu0 = _cpu_seconds(_browser_pids())
             t0 = time.perf_counter()
-            with streamlit_server(REPO / script, log_path, start_timeout_s=60, poll_s=0.05, port=port) as (url, proc):
+            with _server_cache(empty_store) as env, \
+                    streamlit_server(REPO / script, log_path, start_timeout_s=60, poll_s=0.05, port=port, env=env) as (url, proc):
                 out["server_ready"] = time.perf_counter() - t0
                 time.sleep(delay_s)
                 page.goto(url + "/classify")
@@ -161,12 +190,12 @@ def bench_first_render(script: str = "serve.py", timeout_s: float = 300.0, delay
     return out
 
 
-def first_render_runs(scripts: list[str], runs: int, browser_cache: bool) -> dict[str, list[dict]]:
+def first_render_runs(scripts: list[str], runs: int, browser_cache: bool, empty_store: bool = False) -> dict[str, list[dict]]:
     """``runs`` first renders of each script, interleaved (a, b, a, b…) so drift hits both alike."""
     done: dict[str, list[dict]] = {s: [] for s in scripts}
     for _ in range(runs):
         for s in scripts:
-            done[s].append(bench_first_render(s, browser_cache=browser_cache))
+            done[s].append(bench_first_render(s, browser_cache=browser_cache, empty_store=empty_store))
     return done
 
 
@@ -179,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scripts", nargs="+", default=["app.py", "serve.py"],
                     help="server entry points to compare (serve.py warms the caches at start; make demo uses it)")
     ap.add_argument("--runs", type=int, default=3, help="first renders per script and browser state (median shown)")
+    ap.add_argument("--store", choices=["disk", "empty", "both"], default="both",
+                    help="explanation store at the server's start: the opening image explained on disk by an earlier start "
+                         "(a restarted server), empty (a first start ever), or both")
     ap.add_argument("--threads", type=int, help="torch intra-op threads here and OMP_NUM_THREADS for the server "
                                                 "(default: torch's own choice, as the app runs)")
     args = ap.parse_args(argv)
@@ -212,11 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(CHROMIUM).exists():
         print(f"first render: skipped ({CHROMIUM} not found)")
         return 0
-    for cached in (False, True):
+    stores = {"disk": [False], "empty": [True], "both": [True, False]}[args.store]
+    if False in stores:  # the opening image's explanation on disk, as an earlier start leaves it
+        from pages.common import warm_first_explanation
+
+        warm_first_explanation(name)
+    for empty_store, cached in itertools.product(stores, (False, True)):
         print("first render of /classify after the server starts, headless Chromium opening it as soon as the server "
-              "answers; cold server caches; " + ("browser that has opened the app before (a restarted demo server)"
-                                                 if cached else "new browser profile (first visit ever)") + ":")
-        done = first_render_runs(args.scripts, args.runs, cached)
+              "answers; " + ("empty explanation store (first start ever)" if empty_store else
+                             "opening image's explanation on disk from an earlier start") + "; "
+              + ("browser that has opened the app before" if cached else "new browser profile (first visit ever)") + ":")
+        done = first_render_runs(args.scripts, args.runs, cached, empty_store)
         for script, rs in done.items():
             med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             each = ", ".join(f"{r['complete']:.2f}" for r in rs)

@@ -5,8 +5,11 @@ for unsigned maps, ColorBrewer's red–blue diverging map for signed ones (red =
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
+import threading
 from datetime import datetime, timezone
 
 import numpy as np
@@ -25,16 +28,44 @@ def normalise_map(attr: np.ndarray, signed: bool, percentile: float = 99.0) -> n
     return np.clip(a / scale, -1.0 if signed else 0.0, 1.0)
 
 
-def colorize(attr: np.ndarray, signed: bool, cmap: str = "viridis") -> np.ndarray:
-    """uint8 RGB (H, W, 3) rendering of a map; signed maps use the diverging map centred on 0."""
-    from matplotlib import colormaps  # imported on use (~0.3 s), after the predictions are on screen
+LUT_SIZE = 256  # matplotlib's default colormap resolution
 
+
+@functools.lru_cache(maxsize=16)
+def colormap_lut(name: str) -> np.ndarray:
+    """The (256, 3) float RGB table of a matplotlib colormap. Importing matplotlib costs about
+    0.3 s at a server's start, on the way to the first saliency map, so the tables are kept in
+    the cache folder after their first use and read from there (a 3 KB file)."""
+    from data.paths import cache_dir
+
+    path = cache_dir() / "colormaps" / f"{name}-{LUT_SIZE}.npy"
+    try:
+        lut = np.load(path, allow_pickle=False)
+        if lut.shape == (LUT_SIZE, 3) and np.isfinite(lut).all():
+            return lut
+    except (OSError, ValueError):
+        pass
+    from matplotlib import colormaps
+
+    lut = np.asarray(colormaps[name].resampled(LUT_SIZE)(np.arange(LUT_SIZE))[:, :3], dtype=np.float64)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.npy")
+        np.save(tmp, lut)
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache only costs the import next time
+    return lut
+
+
+def colorize(attr: np.ndarray, signed: bool, cmap: str = "viridis") -> np.ndarray:
+    """uint8 RGB (H, W, 3) rendering of a map; signed maps use the diverging map centred on 0.
+    Same colours as matplotlib's ``colormaps[cmap](x)`` (its 256-entry table, floor indexing)."""
     n = normalise_map(attr, signed)
-    if signed:
-        rgba = colormaps[DIVERGING_CMAP]((n + 1) / 2)
-    else:
-        rgba = colormaps[cmap](n)
-    return (rgba[..., :3] * 255).astype(np.uint8)
+    x = (n + 1) / 2 if signed else n
+    lut = colormap_lut(DIVERGING_CMAP if signed else cmap)
+    idx = np.clip((x * LUT_SIZE).astype(np.int64), 0, LUT_SIZE - 1)
+    return (lut[idx] * 255).astype(np.uint8)
 
 
 def _resize_map(attr: np.ndarray, size: tuple[int, int]) -> np.ndarray:

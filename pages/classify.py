@@ -220,15 +220,25 @@ def _uploads(model) -> Loaded | None:
 
 
 # --- layout pieces ---------------------------------------------------------------------------
-def _bars(level: str, pred: Prediction, truth: str | None) -> go.Figure:
-    items = pred.topk[level][::-1]
-    colors = [ORANGE if n == truth else (BLUE if n == pred.path[level] else GREY) for n, _ in items]
-    fig = go.Figure(go.Bar(x=[p for _, p in items], y=[_short(n, 24) for n, _ in items], orientation="h", marker_color=colors,
-                           customdata=[n for n, _ in items],
-                           text=[f"{p:.0%}" for _, p in items], textposition="auto",
-                           hovertemplate="%{customdata}: %{x:.3f}<extra></extra>"))
-    fig.update_layout(height=210, margin=dict(l=4, r=4, t=4, b=4), xaxis=dict(range=[0, 1], tickformat=".0%"),
-                      yaxis=dict(automargin=True), showlegend=False)
+def _bars(levels: list[str], pred: Prediction, truth_path: dict) -> go.Figure:
+    """Top-k bars of every level side by side, in one figure (one Plotly chart draws much
+    faster in the browser than one per level)."""
+    from plotly.subplots import make_subplots
+
+    titles = [f"<b>{lvl}</b>" + (" ⚠" if lvl in pred.contradictions else "") for lvl in levels]
+    fig = make_subplots(rows=1, cols=len(levels), subplot_titles=titles, horizontal_spacing=0.13)
+    for i, lvl in enumerate(levels, start=1):
+        items = pred.topk[lvl][::-1]
+        truth = truth_path.get(lvl)
+        colors = [ORANGE if n == truth else (BLUE if n == pred.path[lvl] else GREY) for n, _ in items]
+        fig.add_trace(go.Bar(x=[p for _, p in items], y=[n for n, _ in items], orientation="h", marker_color=colors,
+                             customdata=[n for n, _ in items], name=lvl,
+                             text=[f"{p:.0%}" for _, p in items], textposition="auto",
+                             hovertemplate="%{customdata}: %{x:.3f}<extra></extra>"), row=1, col=i)
+        fig.update_xaxes(range=[0, 1], tickformat=".0%", row=1, col=i)
+        # full names as categories (two classes can share a shortened name), short tick labels
+        fig.update_yaxes(automargin=True, tickvals=[n for n, _ in items], ticktext=[_short(n, 18) for n, _ in items], row=1, col=i)
+    fig.update_layout(height=230, margin=dict(l=4, r=4, t=28, b=4), showlegend=False)
     return fig
 
 
@@ -271,12 +281,8 @@ def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, 
         if img.truth and img.truth in heldout:
             st.info(f"{img.truth!r} was held out of this model's training: it has never seen this class"
                     + (" (a CLIP model still names it, zero-shot, from its text prompts)." if model.arch == "clip" else "."))
-    cols = st.columns(len(model.levels))
-    truth_path = truth_path or {}
-    for col, lvl in zip(cols, model.levels):
-        col.markdown(f"**{lvl}**" + (" ⚠" if lvl in pred.contradictions else ""))
-        col.plotly_chart(_bars(lvl, pred, truth_path.get(lvl)), width="stretch", key=f"bars_{lvl}",
-                         config={"displayModeBar": False})
+    st.plotly_chart(_bars(list(model.levels), pred, truth_path or {}), width="stretch", key="bars",
+                    config={"displayModeBar": False})
     st.caption("Blue: predicted · orange: ground truth · ⚠: the level's top class is not a child of the level above's.")
 
 

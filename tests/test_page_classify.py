@@ -80,6 +80,13 @@ def test_gallery_pick_level_method_and_contrast(ndsb_manifest):
     assert ds == "ndsb" and at.header[0].value == Path(rel).name != first
     truth = ndsb_manifest.loc[ndsb_manifest["relpath"] == rel, "class"].iloc[0]
     assert _headline(at, "Ground truth") == truth
+    # top-k bars of every level in one chart; the true class is orange wherever it is shown
+    import json
+
+    bars = {b["name"]: b for b in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]}
+    leaf_bars = bars[list(bars)[-1]]
+    assert list(bars)[-1] == "class" and len(leaf_bars["x"]) == 5
+    assert all(c == "#E69F00" for n, c in zip(leaf_bars["customdata"], leaf_bars["marker"]["color"]) if n == truth)
 
     # Level switch: the target list becomes that level's names.
     at.radio(key="level").set_value("group").run()

@@ -6,6 +6,7 @@ whether or not the real model has been trained.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -234,7 +235,8 @@ def test_classify_page_with_the_clip_model(clip_zoo):
     assert "Predicted class" in [c.value for c in at.caption]
     steps = next(m.value for m in at.markdown if m.value.startswith(f"**{model.levels[0]}**"))
     assert all(f"**{lvl}**: " in steps for lvl in model.levels)
-    assert len(at.get("plotly_chart")) >= len(model.levels)
+    bars = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert [b["name"] for b in bars] == list(model.levels) and all(len(b["x"]) == min(5, model.num_classes(b["name"])) for b in bars)
     # A saliency map for the chosen level and one per level.
     captions = [c for im in at.get("image") for c in im.captions]
     assert sum(c.startswith("Integrated Gradients · class: ") for c in captions) == 1

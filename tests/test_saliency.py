@@ -215,3 +215,26 @@ def test_overlay_panel_and_json(zoo_model, images):
     assert Image.open(io.BytesIO(png)).format == "PNG"
     doc = export.explanation_json({"prediction": pred, "value": np.float32(0.5), "curve": np.arange(3)})
     assert '"value": 0.5' in doc and '"curve": [' in doc
+
+
+def test_colorize_matches_matplotlib_and_reads_its_tables_from_disk(monkeypatch, tmp_path):
+    """Overlays use each colormap's 256-entry table, kept on disk after its first use, with the
+    same colours as matplotlib; a damaged table file is rebuilt."""
+    from matplotlib import colormaps
+
+    monkeypatch.setenv("PLANKTON_LENS_CACHE", str(tmp_path))
+    export.colormap_lut.cache_clear()
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(40, 40)).astype(np.float32)
+    a[0, 0], a[0, 1] = np.nan, 1e6  # NaN and a far outlier are clipped, not propagated
+    for signed, cmap in [(False, c) for c in export.SEQUENTIAL_CMAPS] + [(True, "viridis")]:
+        n = export.normalise_map(a, signed)
+        want = colormaps[export.DIVERGING_CMAP]((n + 1) / 2) if signed else colormaps[cmap](n)
+        assert np.array_equal(export.colorize(a, signed, cmap), (want[..., :3] * 255).astype(np.uint8)), (signed, cmap)
+    files = sorted(p.name for p in (tmp_path / "colormaps").iterdir())
+    assert files == sorted(f"{c}-256.npy" for c in (*export.SEQUENTIAL_CMAPS, export.DIVERGING_CMAP))
+    (tmp_path / "colormaps" / "viridis-256.npy").write_bytes(b"damaged")
+    export.colormap_lut.cache_clear()
+    assert export.colormap_lut("viridis").shape == (256, 3)
+    assert np.load(tmp_path / "colormaps" / "viridis-256.npy").shape == (256, 3)
+    export.colormap_lut.cache_clear()
