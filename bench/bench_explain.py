@@ -190,6 +190,41 @@ def bench_first_render(script: str = "serve.py", timeout_s: float = 300.0, delay
     return out
 
 
+BASELINE_PAGES = {
+    "a one-line Streamlit page": 'import streamlit as st\nst.title("Plankton Lens baseline")\n',
+    "the same with one Plotly chart": 'import plotly.graph_objects as go\nimport streamlit as st\nst.title("Plankton Lens baseline")\n'
+                                      'st.plotly_chart(go.Figure(go.Bar(x=[0.6, 0.3, 0.1], y=["a", "b", "c"], orientation="h")))\n',
+}
+
+
+def bench_baseline_page(source: str, plotly: bool, timeout_s: float = 120.0) -> dict:
+    """What Streamlit itself costs: seconds from opening a trivial page in a new browser profile
+    until it is drawn (and its Plotly chart, if any), with the browser's CPU seconds."""
+    import tempfile
+
+    from playwright.sync_api import sync_playwright
+
+    args = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    with tempfile.TemporaryDirectory(prefix="bench-explain-baseline-") as tmp, sync_playwright() as pw:
+        script = Path(tmp) / "baseline.py"
+        script.write_text(source)
+        ctx = pw.chromium.launch_persistent_context(str(Path(tmp) / "profile"), executable_path=CHROMIUM, headless=True,
+                                                    args=args, viewport={"width": 1500, "height": 1100})
+        try:
+            page = ctx.new_page()
+            cpu0 = _cpu_seconds(_browser_pids())
+            with streamlit_server(script, Path(tmp) / "server.log", start_timeout_s=60, poll_s=0.05) as (url, _):
+                t0 = time.perf_counter()
+                page.goto(url)
+                page.wait_for_selector("text=Plankton Lens baseline", timeout=int(timeout_s * 1000))
+                if plotly:
+                    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=int(timeout_s * 1000))
+                shown = time.perf_counter() - t0
+                return {"shown": shown, "browser_cpu_s": _cpu_seconds(_browser_pids()) - cpu0}
+        finally:
+            ctx.close()
+
+
 def first_render_runs(scripts: list[str], runs: int, browser_cache: bool, empty_store: bool = False) -> dict[str, list[dict]]:
     """``runs`` first renders of each script, interleaved (a, b, a, b…) so drift hits both alike."""
     done: dict[str, list[dict]] = {s: [] for s in scripts}
@@ -244,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(CHROMIUM).exists():
         print(f"first render: skipped ({CHROMIUM} not found)")
         return 0
+    print("what Streamlit itself costs in a new browser profile (page opened once the server answers):")
+    for label, source in BASELINE_PAGES.items():
+        rs = [bench_baseline_page(source, "plotly" in source) for _ in range(args.runs)]
+        print(f"  {label}: drawn {statistics.median(r['shown'] for r in rs):.2f} s after opening, browser CPU "
+              f"{statistics.median(r['browser_cpu_s'] for r in rs):.2f} s (median of {len(rs)})")
     stores = {"disk": [False], "empty": [True], "both": [True, False]}[args.store]
     if False in stores:  # the opening image's explanation on disk, as an earlier start leaves it
         from pages.common import warm_first_explanation

@@ -74,7 +74,12 @@ def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool
     key = f"{src.name}-{src.fingerprint()}-n{len(manifest)}-{pd.util.hash_pandas_object(manifest['relpath']).sum() & 0xFFFFFFFF:x}-{size}"
     path = cache_dir() / "arrays" / f"{key}.npy"
     if path.exists():
-        return np.load(path, mmap_mode="r")
+        try:
+            arr = np.load(path, mmap_mode="r")
+            if arr.shape == (len(manifest), size, size) and arr.dtype == np.uint8:
+                return arr
+        except (OSError, ValueError, EOFError):
+            pass  # damaged (a disk error, a hand edit): decoded again below
     out = np.zeros((len(manifest), size, size), dtype=np.uint8)
     bad = 0
     for i, rel in enumerate(tqdm(manifest["relpath"], desc=f"decoding {src.name} @{size}px", disable=not progress, unit="img")):
@@ -85,7 +90,7 @@ def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool
     if bad:
         warnings.warn(f"{bad} unreadable images in {src.name} were left blank")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npy")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")  # one per writer
     np.save(tmp, out)
     tmp.replace(path)
     return out

@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -152,7 +153,7 @@ def _load(path: Path, levels: list[str]) -> tuple[np.ndarray, dict[str, np.ndarr
     try:
         with np.load(path) as z:
             return z["embeddings"], {lvl: z[f"logits_{lvl}"] for lvl in levels}
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return None  # absent, or a truncated file from a killed run: rebuilt
 
 

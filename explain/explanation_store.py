@@ -8,11 +8,13 @@ are ``.npz`` read with ``allow_pickle=False``; an unreadable file is recomputed 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
-import functools
 import threading
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +24,9 @@ from data.paths import cache_dir
 
 STORE_VERSION = 1
 MAX_FILES_PER_MODEL = 20_000  # about 350 MB of 64 px maps; the oldest tenth goes when exceeded
+PRUNE_EVERY = 100  # saves between two counts of a model's folder
 _META = "__meta__"
+_saves = itertools.count()
 
 
 @functools.lru_cache(maxsize=32)
@@ -68,7 +72,7 @@ def load(path: Path) -> dict | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return _decode(z)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
 
@@ -80,12 +84,14 @@ def save(path: Path, value: dict) -> None:
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
         np.savez(tmp, **_encode(value))
         tmp.replace(path)
-        _prune(path.parent)
+        if next(_saves) % PRUNE_EVERY == 0:
+            prune(path.parent)
     except OSError:
         pass
 
 
-def _prune(folder: Path, limit: int = MAX_FILES_PER_MODEL) -> None:
+def prune(folder: Path, limit: int = MAX_FILES_PER_MODEL) -> None:
+    """Keep a model's folder under ``limit`` entries by removing the oldest tenth."""
     files = list(folder.glob("*.npz"))
     if len(files) <= limit:
         return

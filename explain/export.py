@@ -43,7 +43,7 @@ def colormap_lut(name: str) -> np.ndarray:
         lut = np.load(path, allow_pickle=False)
         if lut.shape == (LUT_SIZE, 3) and np.isfinite(lut).all():
             return lut
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         pass
     from matplotlib import colormaps
 

@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -192,7 +193,7 @@ def _extra_sets(model: HierarchicalClassifier, man: dict, model_name: str, id_im
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # a truncated file from a killed run
             arrays = {}
     if not arrays:
         t0 = time.time()

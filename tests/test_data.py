@@ -285,3 +285,26 @@ def test_manifest_builds_concurrently_without_clashing(tmp_path, monkeypatch):
         frames = list(ex.map(lambda _: build_manifest(src, progress=False), range(3)))
     assert all(f.equals(frames[0]) for f in frames) and len(frames[0]) > 0
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+@requires_data
+def test_decoded_array_concurrent_builds_and_damaged_cache(tmp_path, monkeypatch):
+    """Two threads decoding the same images at once both get them (each writes its own
+    temporary file); a damaged or mis-sized cached array is decoded again, not returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data.manifest import build_manifest, decoded_array
+    from data.sources import open_source
+
+    monkeypatch.setenv("PLANKTON_LENS_CACHE", str(tmp_path))
+    src = open_source("zoolake")
+    sub = build_manifest(src, progress=False).groupby("class").head(2).reset_index(drop=True)
+    with ThreadPoolExecutor(2) as ex:
+        arrays = list(ex.map(lambda _: np.array(decoded_array(src, sub, 32, progress=False)), range(2)))
+    assert arrays[0].shape == (len(sub), 32, 32) and np.array_equal(arrays[0], arrays[1]) and arrays[0].any()
+    (cached,) = list((tmp_path / "arrays").glob("*.npy"))
+    assert not [p for p in (tmp_path / "arrays").iterdir() if "tmp" in p.name]
+    np.save(cached, np.zeros((3, 32, 32), np.uint8))  # wrong length
+    assert np.array_equal(decoded_array(src, sub, 32, progress=False), arrays[0])
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated
+    assert np.array_equal(decoded_array(src, sub, 32, progress=False), arrays[0])

@@ -327,3 +327,17 @@ def test_query_command_json(model_name, ndsb, ndsb_manifest, tmp_path):
     assert r.returncode == 2 and "not an image" in r.stderr and "Traceback" not in r.stderr
     r = _cli("explain.neighbours", "query", "--model", "no-such-model", "--image", str(img))
     assert r.returncode == 2 and "no-such-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_truncated_cache_files_are_rebuilt_not_raised(tmp_path):
+    """A cache file cut short (a run killed while writing it, a full disk) reads as absent:
+    numpy raises zipfile.BadZipFile for a truncated .npz, which is not an OSError."""
+    import numpy as np
+
+    from explain.embeddings import _load
+
+    path = tmp_path / "outputs.npz"
+    np.savez(path, embeddings=np.zeros((50, 8), np.float32), logits_class=np.zeros((50, 3), np.float32))
+    assert _load(path, ["class"]) is not None
+    path.write_bytes(path.read_bytes()[:300])
+    assert _load(path, ["class"]) is None

@@ -238,3 +238,47 @@ def test_colorize_matches_matplotlib_and_reads_its_tables_from_disk(monkeypatch,
     assert export.colormap_lut("viridis").shape == (256, 3)
     assert np.load(tmp_path / "colormaps" / "viridis-256.npy").shape == (256, 3)
     export.colormap_lut.cache_clear()
+
+
+def test_explanation_store_round_trip_keys_and_pruning(monkeypatch, tmp_path):
+    """Stored explanations come back as they were (arrays, numbers, strings, None); a different
+    model, image or parameter is a different entry; damaged files are recomputed; a model's
+    folder is pruned to its limit, oldest first."""
+    import os
+
+    from explain import explanation_store as store
+
+    monkeypatch.setattr(store, "store_dir", lambda: tmp_path)
+    value = {"map": np.arange(12, dtype=np.float32).reshape(3, 4), "delta": None, "auc": 0.25, "verdict": "faithful",
+             "refs": {"class": 0.5}}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return value
+
+    got = store.cached("m:abc", "attribution", {"image": "i1", "level": "class"}, compute)
+    again = store.cached("m:abc", "attribution", {"image": "i1", "level": "class"}, compute)
+    assert len(calls) == 1
+    for v in (got, again):
+        assert np.array_equal(v["map"], value["map"]) and v["map"].dtype == np.float32
+        assert v["delta"] is None and v["auc"] == 0.25 and v["verdict"] == "faithful" and v["refs"] == {"class": 0.5}
+    paths = {store.entry_path(k, "attribution", p) for k, p in [("m:abc", {"image": "i1", "level": "class"}),
+                                                                 ("m:abd", {"image": "i1", "level": "class"}),
+                                                                 ("m:abc", {"image": "i2", "level": "class"}),
+                                                                 ("m:abc", {"image": "i1", "level": "group"})]}
+    assert len(paths) == 4
+    path = store.entry_path("m:abc", "attribution", {"image": "i1", "level": "class"})
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    assert store.load(path) is None
+    store.cached("m:abc", "attribution", {"image": "i1", "level": "class"}, compute)
+    assert len(calls) == 2 and store.load(path) is not None
+
+    folder = path.parent
+    for i in range(30):
+        p = folder / f"attribution-{i:03d}.npz"
+        store.save(p, {"map": np.zeros(2)})
+        os.utime(p, (1000 + i, 1000 + i))
+    store.prune(folder, limit=20)
+    left = sorted(p.name for p in folder.glob("attribution-0*.npz"))
+    assert len(list(folder.glob("*.npz"))) <= 28 and "attribution-000.npz" not in left and "attribution-029.npz" in left
