@@ -5,8 +5,6 @@ Columns: relpath, dataset, class, living, group, subgroup, split, width, height,
 from __future__ import annotations
 
 import io
-import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .decode import ImageDecodeError, load_for_model
-from .paths import cache_dir
+from .paths import cache_dir, writer_temp
 from .sources import Source
 from .splits import DEFAULT_SEED, stratified_split
 from .taxonomy import LEVELS
@@ -57,9 +55,7 @@ def build_manifest(src: Source, seed: int = DEFAULT_SEED, progress: bool = True,
     df["split"] = stratified_split(df, seed)
     df = df[["relpath", "dataset", "class", *LEVELS[:-1], "split", "width", "height", "bytes"]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a writer-specific temporary name: two threads or processes (the server's start-up warm-up and
-    # a first page run) may build the same manifest at once; each replace is then atomic
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}-{threading.get_ident()}.tmp")
+    tmp = writer_temp(path)
     df.to_parquet(tmp, index=False)
     tmp.replace(path)
     return df
@@ -90,7 +86,7 @@ def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool
     if bad:
         warnings.warn(f"{bad} unreadable images in {src.name} were left blank")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")  # one per writer
+    tmp = writer_temp(path)
     np.save(tmp, out)
     tmp.replace(path)
     return out

@@ -10,6 +10,7 @@ embeddings, UMAP maps, FAISS indexes) go to ``$PLANKTON_LENS_CACHE`` (default
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,14 @@ def datasets_root() -> Path | None:
         return p if p.is_dir() else None
     default = REPO_ROOT.parent / "shared" / "datasets"
     return default if default.is_dir() else None
+
+
+def writer_temp(path: Path) -> Path:
+    """A temporary name beside ``path``, hidden, with its suffix, unique to this process and
+    thread: write it, then ``replace`` it onto ``path``. Two writers of the same cache file (the
+    server's warm-up thread and a page run, two browser sessions) then never clash, and readers
+    never see half a file."""
+    return path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp{path.suffix}")
 
 
 def cache_dir() -> Path:

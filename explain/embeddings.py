@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from data.manifest import build_manifest, decoded_array
-from data.paths import cache_dir
+from data.paths import cache_dir, writer_temp
 from data.sources import Source, open_source
 from data.splits import DEFAULT_SEED
 from models.base import HierarchicalClassifier, images_to_tensor
@@ -185,7 +185,7 @@ def split_outputs(model_name: str, dataset: str, split: str | None = None, progr
         images = decoded_array(src, rows, int(model.preprocessing["size"]), progress=progress)
         emb, logits = compute_outputs(model, images, progress=progress, on_progress=on_progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = writer_temp(path)
         np.savez(tmp, embeddings=emb, **{f"logits_{k}": v for k, v in logits.items()})
         tmp.replace(path)
         evict_stale(path.parent, path)

@@ -12,15 +12,13 @@ import functools
 import hashlib
 import itertools
 import json
-import os
-import threading
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from data.paths import cache_dir
+from data.paths import cache_dir, writer_temp
 
 STORE_VERSION = 1
 MAX_FILES_PER_MODEL = 20_000  # about 350 MB of 64 px maps; the oldest tenth goes when exceeded
@@ -81,7 +79,7 @@ def save(path: Path, value: dict) -> None:
     store only saves time, so a full or read-only disk just means recomputing next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
+        tmp = writer_temp(path)
         np.savez(tmp, **_encode(value))
         tmp.replace(path)
         if next(_saves) % PRUNE_EVERY == 0:
@@ -92,7 +90,7 @@ def save(path: Path, value: dict) -> None:
 
 def prune(folder: Path, limit: int = MAX_FILES_PER_MODEL) -> None:
     """Keep a model's folder under ``limit`` entries by removing the oldest tenth."""
-    files = list(folder.glob("*.npz"))
+    files = [p for p in folder.glob("*.npz") if not p.name.startswith(".")]  # not a writer's temporary file
     if len(files) <= limit:
         return
     files.sort(key=lambda p: p.stat().st_mtime)

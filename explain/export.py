@@ -8,8 +8,6 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
-import threading
 from datetime import datetime, timezone
 
 import numpy as np
@@ -36,7 +34,7 @@ def colormap_lut(name: str) -> np.ndarray:
     """The (256, 3) float RGB table of a matplotlib colormap. Importing matplotlib costs about
     0.3 s at a server's start, on the way to the first saliency map, so the tables are kept in
     the cache folder after their first use and read from there (a 3 KB file)."""
-    from data.paths import cache_dir
+    from data.paths import cache_dir, writer_temp
 
     path = cache_dir() / "colormaps" / f"{name}-{LUT_SIZE}.npy"
     try:
@@ -50,7 +48,7 @@ def colormap_lut(name: str) -> np.ndarray:
     lut = np.asarray(colormaps[name].resampled(LUT_SIZE)(np.arange(LUT_SIZE))[:, :3], dtype=np.float64)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.npy")
+        tmp = writer_temp(path)
         np.save(tmp, lut)
         tmp.replace(path)
     except OSError:

@@ -21,6 +21,8 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from data.paths import writer_temp
+
 #: Up to this many vectors the index is exact (IndexFlat); beyond, IVF.
 EXACT_MAX = 1_000_000
 #: k of the kNN OOD score everywhere (pages, review queue, CLI), so scores are comparable.
@@ -228,7 +230,7 @@ def dataset_neighbours(model_name: str, dataset: str | None = None, limit_per_cl
     for lvl in g.levels:
         out[f"vote_{lvl}"], out[f"vote_share_{lvl}"] = batch_vote(g, ids, lvl)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = writer_temp(path)
     out.to_parquet(tmp, index=False)
     tmp.replace(path)
     return out

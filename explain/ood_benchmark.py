@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from data.manifest import build_manifest, decoded_array
-from data.paths import cache_dir
+from data.paths import cache_dir, writer_temp
 from data.sources import open_source
 from models.base import HierarchicalClassifier, images_to_tensor
 from models.outliers import adversarial, chimeras, corruptions
@@ -214,12 +214,12 @@ def _extra_sets(model: HierarchicalClassifier, man: dict, model_name: str, id_im
             arrays.update({f"{kind}_images": imgs, f"{kind}_source": meta["source"].to_numpy().astype(str), f"{kind}_emb": emb,
                            **{f"{kind}_logits_{k}": v for k, v in lg.items()}})
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = writer_temp(path)
         np.savez(tmp, **arrays)
         tmp.replace(path)
         tag = path.name.split("__")[1]
         for p in path.parent.glob(f"*__{tag}__*.npz"):  # older weights or settings, same sample size
-            if p != path:
+            if p != path and not p.name.startswith("."):  # not another writer's temporary file
                 p.unlink(missing_ok=True)
         if progress:
             print(f"{model_name}: other-instrument sample and known outliers in {time.time() - t0:.1f} s", file=sys.stderr)

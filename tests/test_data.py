@@ -284,7 +284,7 @@ def test_manifest_builds_concurrently_without_clashing(tmp_path, monkeypatch):
     with ThreadPoolExecutor(3) as ex:
         frames = list(ex.map(lambda _: build_manifest(src, progress=False), range(3)))
     assert all(f.equals(frames[0]) for f in frames) and len(frames[0]) > 0
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
 @requires_data
@@ -303,8 +303,29 @@ def test_decoded_array_concurrent_builds_and_damaged_cache(tmp_path, monkeypatch
         arrays = list(ex.map(lambda _: np.array(decoded_array(src, sub, 32, progress=False)), range(2)))
     assert arrays[0].shape == (len(sub), 32, 32) and np.array_equal(arrays[0], arrays[1]) and arrays[0].any()
     (cached,) = list((tmp_path / "arrays").glob("*.npy"))
-    assert not [p for p in (tmp_path / "arrays").iterdir() if "tmp" in p.name]
+    assert not [p for p in (tmp_path / "arrays").iterdir() if ".tmp" in p.name]
     np.save(cached, np.zeros((3, 32, 32), np.uint8))  # wrong length
     assert np.array_equal(decoded_array(src, sub, 32, progress=False), arrays[0])
     cached.write_bytes(cached.read_bytes()[:100])  # truncated
     assert np.array_equal(decoded_array(src, sub, 32, progress=False), arrays[0])
+
+
+def test_writer_temp_names_are_hidden_per_writer_and_keep_the_suffix(tmp_path):
+    """Every cache write goes through data.paths.writer_temp: a hidden name (not matched by the
+    caches' eviction globs), with the file's suffix (numpy adds none), unique per thread."""
+    import threading
+
+    from data.paths import writer_temp
+
+    path = tmp_path / "ndsb__abc__full__v1.npz"
+    names = [writer_temp(path)]
+    t = threading.Thread(target=lambda: names.append(writer_temp(path)))
+    t.start()
+    t.join()
+    assert names[0] != names[1] and all(n.parent == tmp_path for n in names)
+    assert all(n.name.startswith(".") and n.suffix == ".npz" and ".tmp" in n.name for n in names)
+    np.savez(names[0], a=np.arange(3))
+    assert names[0].exists()  # numpy wrote exactly that name
+    assert not list(tmp_path.glob("ndsb__*"))  # an eviction glob does not see a writer's file
+    names[0].replace(path)
+    assert np.load(path)["a"].tolist() == [0, 1, 2]
