@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explain.clip import AnomalyScorer, auroc, load_clip, make_chimeras, natural_images, zoolake_images  # noqa: E402
+from explain.clip import AnomalyScorer, above_chance_weights, auroc, load_clip, make_chimeras, natural_images, zoolake_images  # noqa: E402
 from models.data import load_dataset  # noqa: E402
 
 SETS = ["chimeras", "natural", "zoolake", "heldout"]
@@ -27,9 +27,7 @@ SETS = ["chimeras", "natural", "zoolake", "heldout"]
 
 def report(sel: list[str], z: dict, w_auc: dict) -> None:
     """AUROC (%) per set of the weighted sum of the z-scored parts ``sel``."""
-    raw = {p: max(0, w_auc[p] - 0.5) for p in sel}
-    tot = sum(raw.values())
-    w = {p: raw[p] / tot for p in sel}
+    w = above_chance_weights({p: w_auc[p] for p in sel})
     comb = {s: sum(w[p] * z[p][s] for p in sel) for s in ["test", *SETS]}
     print(" + ".join(f"{p}×{w[p]:.2f}" for p in sel), {s: round(100 * auroc(comb["test"], comb[s]), 1) for s in SETS})
 

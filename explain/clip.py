@@ -229,6 +229,14 @@ def gallery_rows(rows: pd.DataFrame, per_class: int = 1, split: str = "test", cl
 
 
 # --- anomaly detection ---------------------------------------------------------------------------
+def above_chance_weights(aurocs: dict[str, float]) -> dict[str, float]:
+    """Weights of score parts from their AUROC on known outliers: ``max(0, AUROC − 0.5)``,
+    normalised to sum to 1 (equal weights when no part is above chance)."""
+    raw = {n: max(0.0, a - 0.5) for n, a in aurocs.items()}
+    total = sum(raw.values())
+    return {n: (w / total if total > 0 else 1.0 / len(raw)) for n, w in raw.items()}
+
+
 @dataclass
 class AnomalyScorer:
     """Anomaly score of images for a CLIP model: MCM (1 − max softmax of the scaled similarities
@@ -262,9 +270,7 @@ class AnomalyScorer:
         if outlier_features is not None and len(outlier_features):
             out = sc.components(outlier_features)
             sc.weight_aurocs = {n: auroc(comp[n], out[n]) for n in comp}
-            raw = {n: max(0.0, a - 0.5) for n, a in sc.weight_aurocs.items()}
-            total = sum(raw.values())
-            sc.weights = {n: (w / total if total > 0 else 1.0 / len(raw)) for n, w in raw.items()}
+            sc.weights = above_chance_weights(sc.weight_aurocs)
         sc.calibration = np.sort(sc.score_features(calib_features)["combined"])
         return sc
 
