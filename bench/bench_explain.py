@@ -62,9 +62,10 @@ def bench_warm(name: str, repeats: int) -> dict:
 
     from explain.predict import predict
     from explain.saliency import attribute
-    from models.zoo import load_model
+    from models.handle import open_model
 
-    model, manifest = load_model(name)
+    lm = open_model(name)
+    model, manifest = lm.classifier, lm.manifest
     model.eval()
     x, image_id = _image(model)
     leaf = model.levels[-1]

@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explain.clip import AnomalyScorer, above_chance_weights, auroc, load_clip, make_chimeras, natural_images, zoolake_images  # noqa: E402
+from models.handle import open_model  # noqa: E402
+from explain.clip import AnomalyScorer, above_chance_weights, auroc, make_chimeras, natural_images, zoolake_images  # noqa: E402
 from models.data import load_dataset  # noqa: E402
 
 SETS = ["chimeras", "natural", "zoolake", "heldout"]
@@ -33,7 +34,7 @@ def report(sel: list[str], z: dict, w_auc: dict) -> None:
 
 
 def main(names: list[str]) -> int:
-    pcs = {n: load_clip(n) for n in names}
+    pcs = {n: (open_model(n).require_clip(), open_model(n).manifest) for n in names}
     pc0, man = pcs[names[0]]
     tax = pc0.taxonomy
     _, df, images, _, held = load_dataset(man.get("dataset", "ndsb"), 64, man.get("holdout") or "default")

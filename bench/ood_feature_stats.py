@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.manifest import build_manifest, decoded_array  # noqa: E402
 from data.sources import open_source  # noqa: E402
-from explain.embeddings import dataset_manifest, load_zoo_model  # noqa: E402
+from explain.embeddings import dataset_manifest  # noqa: E402
 from explain.neighbours import build_index, knn_score, normalise  # noqa: E402
 from explain.ood import auroc  # noqa: E402
 from explain.ood_benchmark import CONFIG, other_sample  # noqa: E402
 from models.base import images_to_tensor  # noqa: E402
+from models.handle import open_model  # noqa: E402
 
 
 def stage_statistics(model, images: np.ndarray, batch: int = 256) -> dict[str, np.ndarray]:
@@ -55,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit", type=int, default=6000, help="NDSB training images the statistics are fitted on")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    model, man = load_zoo_model(args.model)
+    lm = open_model(args.model)
+    model, man = lm.classifier, lm.manifest
     model.eval()
     size = int(model.preprocessing["size"])
     src, rows = dataset_manifest("ndsb", man, None)

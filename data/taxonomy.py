@@ -145,3 +145,50 @@ def taxonomy_from_paths(name: str, paths: dict[str, tuple[str, str, str]]) -> Ta
     validate(table)
     digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:12]
     return Taxonomy(name, table, digest)
+
+
+def taxonomy_from_table(name: str, table: pd.DataFrame) -> Taxonomy:
+    """A taxonomy from a table with a ``class`` column and one column per higher level, root first
+    (the project's own ``living, group, subgroup, class`` CSVs, or any other level names)."""
+    cols = [str(c).strip() for c in table.columns]
+    table = table.copy()
+    table.columns = cols
+    if "class" not in cols:
+        raise TaxonomyError(f"the taxonomy table has no 'class' column (columns: {cols})")
+    levels = tuple([c for c in cols if c != "class"] + ["class"])
+    table = table.astype(str).apply(lambda c: c.str.strip())
+    validate(table, levels)
+    table = table[list(levels)].sort_values("class").reset_index(drop=True)
+    digest = hashlib.sha256(table.to_csv(index=False).encode()).hexdigest()[:12]
+    return Taxonomy(name, table, digest, levels)
+
+
+def taxonomy_from_hierarchies(name: str, hierarchies: dict[str, str], max_levels: int = 3) -> Taxonomy:
+    """A taxonomy from EcoTaxa hierarchy strings, {class: "Biota>Animalia>…>Copepoda>Oncaeidae"}.
+
+    The levels above the class are the first ``max_levels`` ranks below the ranks that every class
+    shares (e.g. a common "Biota"), cut at the depth of the shallowest class; they are called
+    ``level1`` … ``levelK``. A class whose path is shorter than that repeats its last rank, marked
+    with the level (``"Copepoda (level 3)"``), so that no node sits at two levels.
+    """
+    if not hierarchies:
+        raise TaxonomyError("no hierarchy strings given")
+    paths = {c: [p.strip() for p in str(h).split(">") if p.strip()] for c, h in hierarchies.items()}
+    for c, p in paths.items():
+        if not p:
+            raise TaxonomyError(f"class {c!r} has an empty hierarchy")
+        if p[-1] == c:
+            paths[c] = p[:-1]
+    common = 0
+    ancestors = list(paths.values())
+    while all(len(p) > common for p in ancestors) and len({p[common] for p in ancestors}) == 1:
+        common += 1
+    depth = min(max_levels, max(len(p) - common for p in ancestors))
+    if depth <= 0:
+        return taxonomy_from_table(name, pd.DataFrame({"class": sorted(paths)}))
+    rows = []
+    for c, p in sorted(paths.items()):
+        rest = p[common:] or [c]
+        rows.append([rest[k] if k < len(rest) else f"{rest[-1]} (level {k + 1})" for k in range(depth)] + [c])
+    levels = [f"level{k + 1}" for k in range(depth)]
+    return taxonomy_from_table(name, pd.DataFrame(rows, columns=[*levels, "class"]))

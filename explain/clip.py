@@ -38,8 +38,9 @@ from models.base import images_to_tensor
 from models.captions import class_prompts, descriptors_version, prompt_bank
 from models.checkpoint import CheckpointError
 from models.report import publish, write_results_section
-from models.clip_model import (ClipClassifier, PlanktonClip, clip_model_names, load_clip,  # noqa: F401 (re-exported)
-                               load_pretrained_local, zero_shot_eval)
+from models.clip_model import ClipClassifier, PlanktonClip, load_pretrained_local, zero_shot_eval  # noqa: F401 (re-exported)
+from models.handle import open_model
+from models.zoo import model_names
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "docs" / "results.md"
@@ -60,7 +61,7 @@ class PromptError(ValueError):
 
 
 def default_clip_name() -> str | None:
-    names = clip_model_names()
+    names = model_names(kind="clip")
     return DEFAULT_CLIP if DEFAULT_CLIP in names else (names[0] if names else None)
 
 
@@ -394,7 +395,8 @@ def benchmark(model_name: str | None = None, n_chimeras: int = 1000, seed: int =
     name = model_name or default_clip_name()
     if not name:
         raise CheckpointError("No CLIP model in the zoo: train one with python -m models.clip_train")
-    pc, man = load_clip(name)
+    lm = open_model(name)
+    pc, man = lm.require_clip(), lm.manifest
     tax = pc.taxonomy
     size = 64
     _, df, images, _, held = load_dataset(man.get("dataset", "ndsb"), size, man.get("holdout") or "default",

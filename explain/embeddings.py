@@ -30,6 +30,7 @@ from data.paths import cache_dir, writer_temp
 from data.sources import Source, open_source
 from data.splits import DEFAULT_SEED
 from models.base import HierarchicalClassifier, images_to_tensor
+from models.handle import open_model
 
 CACHE_VERSION = 1
 ProgressFn = Callable[[float, str], None]
@@ -87,37 +88,13 @@ def manifest_key(manifest: pd.DataFrame, src: Source) -> str:
 
 def is_cached(model_name: str, dataset: str, limit_per_class: int | None = None) -> bool:
     """Whether the embeddings of ``dataset`` by ``model_name`` are already on disk."""
-    _, man = load_zoo_model(model_name)
+    man = open_model(model_name).manifest
     _, _, key = dataset_rows(dataset, man, limit_per_class)
     return cache_path(model_name, man["sha256"], dataset, key).exists()
 
 
 def cache_path(model_name: str, model_sha: str, dataset: str, mkey: str) -> Path:
     return cache_dir() / "embeddings" / model_name / f"{dataset}__{model_sha[:16]}__{mkey}__v{CACHE_VERSION}.npz"
-
-
-def _manifest_file(model_name: str) -> Path | None:
-    from models.zoo import zoo_dirs
-
-    for d in zoo_dirs():
-        p = d / f"{model_name}.json"
-        if p.is_file():
-            return p
-    return None
-
-
-@lru_cache(maxsize=4)
-def _model(model_name: str, stamp: tuple) -> tuple[HierarchicalClassifier, dict]:
-    from models.zoo import load_model
-
-    return load_model(model_name)
-
-
-def load_zoo_model(model_name: str) -> tuple[HierarchicalClassifier, dict]:
-    """A zoo model, loaded once per process and reloaded when its checkpoint file changes."""
-    p = _manifest_file(model_name)
-    stamp = (str(p), p.stat().st_mtime_ns, p.stat().st_size) if p else ()
-    return _model(model_name, stamp)
 
 
 @lru_cache(maxsize=16)
@@ -174,7 +151,8 @@ def split_outputs(model_name: str, dataset: str, split: str | None = None, progr
     by the model's sha256 and the dataset manifest, so a retrained model or a changed dataset
     gives a fresh file (and the stale one is removed).
     """
-    model, man = load_zoo_model(model_name)
+    lm = open_model(model_name)
+    model, man = lm.classifier, lm.manifest
     src, rows, key = dataset_rows(dataset, man, limit_per_class)
     path = cache_path(model_name, man["sha256"], dataset, key)
     got = _load(path, list(model.levels)) if path.exists() else None
@@ -248,13 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     from models.checkpoint import CheckpointError
 
     try:
-        dataset = args.dataset or load_zoo_model(args.model)[1].get("dataset", "ndsb")
+        dataset = args.dataset or open_model(args.model).dataset or "ndsb"
         t0 = time.time()
         o = split_outputs(args.model, dataset, progress=not args.json, limit_per_class=args.limit_per_class)
     except (CheckpointError, DatasetNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    man = load_zoo_model(args.model)[1]
+    man = open_model(args.model).manifest
     _, _, key = dataset_rows(dataset, man, args.limit_per_class)
     info = {"model": args.model, "dataset": dataset, "images": len(o.rows), "dim": int(o.embeddings.shape[1]),
             "seconds": round(time.time() - t0, 2),

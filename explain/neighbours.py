@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from data.paths import writer_temp
+from models.handle import open_model
 
 #: Up to this many vectors the index is exact (IndexFlat); beyond, IVF.
 EXACT_MAX = 1_000_000
@@ -171,9 +172,11 @@ def make_gallery(model_name: str, dataset: str, levels: tuple[str, ...], embeddi
 
 @lru_cache(maxsize=4)
 def _gallery(model_name: str, sha: str, limit_per_class: int | None, progress: bool) -> Gallery:
-    from .embeddings import load_zoo_model, split_outputs
+    from .embeddings import split_outputs
 
-    model, man = load_zoo_model(model_name)
+    lm = open_model(model_name)
+
+    model, man = lm.classifier, lm.manifest
     dataset = man.get("dataset", "ndsb")
     o = split_outputs(model_name, dataset, "train", progress=progress, limit_per_class=limit_per_class)
     keep = ~o.rows["class"].isin(man.get("heldout") or []).to_numpy()
@@ -183,9 +186,8 @@ def _gallery(model_name: str, sha: str, limit_per_class: int | None, progress: b
 def load_gallery(model_name: str, limit_per_class: int | None = None, progress: bool = False) -> Gallery:
     """The gallery of ``model_name``: its dataset's training split minus held-out classes
     (built once per process and model weights)."""
-    from .embeddings import load_zoo_model
 
-    return _gallery(model_name, load_zoo_model(model_name)[1]["sha256"], limit_per_class, progress)
+    return _gallery(model_name, open_model(model_name).manifest["sha256"], limit_per_class, progress)
 
 
 def drop_self(dist: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,9 +206,11 @@ def dataset_neighbours(model_name: str, dataset: str | None = None, limit_per_cl
     ``knn_score`` (k = KNN_K, gallery images not counting themselves), ``in_gallery``,
     ``nn_distance`` (nearest other known image) and the neighbour vote per level
     (``vote_<level>``, ``vote_share_<level>``). Cached on disk beside the embeddings."""
-    from .embeddings import cache_path, dataset_rows, load_zoo_model, split_outputs
+    from .embeddings import cache_path, dataset_rows, split_outputs
 
-    model, man = load_zoo_model(model_name)
+    lm = open_model(model_name)
+
+    model, man = lm.classifier, lm.manifest
     dataset = dataset or man.get("dataset", "ndsb")
     _, _, key = dataset_rows(dataset, man, limit_per_class)
     emb_path = cache_path(model_name, man["sha256"], dataset, key)
@@ -244,9 +248,11 @@ def image_frame(model_name: str, limit_per_class: int | None = None, progress: b
                 on_progress=None) -> pd.DataFrame:
     """One row per image of the model's dataset: manifest columns, ``heldout``, the model's
     predictions per level (``pred_*``, ``inconsistent``), the kNN score and the neighbour vote."""
-    from .embeddings import load_zoo_model, predictions_frame, split_outputs
+    from .embeddings import predictions_frame, split_outputs
 
-    model, man = load_zoo_model(model_name)
+    lm = open_model(model_name)
+
+    model, man = lm.classifier, lm.manifest
     dataset = man.get("dataset", "ndsb")
     o = split_outputs(model_name, dataset, None, progress, limit_per_class, on_progress)
     df = o.rows.copy()
@@ -312,9 +318,8 @@ def query(model_name: str, image_bytes: bytes, k: int = 10, background: int | No
     """Neighbours, per-level vote and kNN score of one image, as the CLI prints them.
     ``source`` = (dataset, relpath) of a dataset image: when it is in the gallery it is not its
     own neighbour."""
-    from .embeddings import load_zoo_model
 
-    model, _ = load_zoo_model(model_name)
+    model = open_model(model_name).classifier
     g = load_gallery(model_name, limit_per_class)
     emb = embed_bytes(model, image_bytes, background)
     own = -1

@@ -35,6 +35,7 @@ from models.outliers import adversarial, chimeras, corruptions
 from models.report import publish, write_results_section
 
 from .ood import CONFIG, LOGIT_SCORES, SCORES, fit_mahalanobis, logit_score, ood_metrics
+from models.handle import open_model
 
 CACHE_VERSION = 1
 REPO = Path(__file__).resolve().parent.parent
@@ -173,9 +174,9 @@ def _extra_path(model_name: str, sha: str, limit_per_class: int | None) -> Path:
 
 def is_evaluated(model_name: str, limit_per_class: int | None = None) -> bool:
     """Whether the model's OOD evaluation (dataset outputs and extra sets) is already on disk."""
-    from .embeddings import is_cached, load_zoo_model
+    from .embeddings import is_cached
 
-    _, man = load_zoo_model(model_name)
+    man = open_model(model_name).manifest
     return is_cached(model_name, man.get("dataset", "ndsb"), limit_per_class) and \
         _extra_path(model_name, man["sha256"], limit_per_class).exists()
 
@@ -240,9 +241,11 @@ def evaluation(model_name: str, limit_per_class: int | None = None, progress: bo
     """The OOD evaluation of a zoo model (computed once, then read from the caches).
     ``limit_per_class`` evaluates a quick sample (n images per class and split);
     ``on_progress(fraction, message)`` reports progress (for a UI progress bar)."""
-    from .embeddings import dataset_manifest, load_zoo_model, split_outputs
+    from .embeddings import dataset_manifest, split_outputs
 
-    model, man = load_zoo_model(model_name)
+    lm = open_model(model_name)
+
+    model, man = lm.classifier, lm.manifest
     dataset = man.get("dataset", "ndsb")
     o = split_outputs(model_name, dataset, progress=progress, limit_per_class=limit_per_class,
                       on_progress=(lambda f, m: on_progress(0.9 * f, m)) if on_progress else None)

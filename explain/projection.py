@@ -20,6 +20,7 @@ import pandas as pd
 from data.paths import cache_dir
 
 from .neighbours import build_index, normalise, search
+from models.handle import open_model
 
 #: UMAP settings of the cached map (part of the cache key, with MAP_VERSION).
 UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1}
@@ -116,9 +117,9 @@ class EmbeddingMap:
 
 
 def _paths(model_name: str, dataset: str, limit_per_class: int | None) -> tuple[Path, Path]:
-    from .embeddings import cache_path, dataset_rows, load_zoo_model
+    from .embeddings import cache_path, dataset_rows
 
-    _, man = load_zoo_model(model_name)
+    man = open_model(model_name).manifest
     _, _, key = dataset_rows(dataset, man, limit_per_class)
     emb = cache_path(model_name, man["sha256"], dataset, key)
     tag = f"umap-n{UMAP_PARAMS['n_neighbors']}-d{UMAP_PARAMS['min_dist']}-v{MAP_VERSION}"
@@ -130,9 +131,9 @@ def embedding_map(model_name: str, dataset: str | None = None, limit_per_class: 
                   progress: bool = False) -> EmbeddingMap:
     """The UMAP map of every image of ``dataset`` (default: the model's own) embedded by ``model_name``;
     fitted on first use and cached on disk (coordinates and the fitted reducer)."""
-    from .embeddings import load_zoo_model, split_embeddings
+    from .embeddings import split_embeddings
 
-    dataset = dataset or load_zoo_model(model_name)[1].get("dataset", "ndsb")
+    dataset = dataset or open_model(model_name).manifest.get("dataset", "ndsb")
     coords_path, reducer_path = _paths(model_name, dataset, limit_per_class)
     emb, rows = split_embeddings(model_name, dataset, None, progress=progress, limit_per_class=limit_per_class)
     if coords_path.exists() and reducer_path.exists():
@@ -162,9 +163,8 @@ def embedding_map(model_name: str, dataset: str | None = None, limit_per_class: 
 
 def map_cached(model_name: str, dataset: str | None = None, limit_per_class: int | None = None) -> bool:
     """Whether the map is already on disk (then :func:`embedding_map` only reads it)."""
-    from .embeddings import load_zoo_model
 
-    dataset = dataset or load_zoo_model(model_name)[1].get("dataset", "ndsb")
+    dataset = dataset or open_model(model_name).manifest.get("dataset", "ndsb")
     coords, reducer = _paths(model_name, dataset, limit_per_class)
     return coords.exists() and reducer.exists()
 
@@ -188,10 +188,10 @@ def placed_frame(model_name: str, dataset: str, limit_per_class: int | None = 5,
     """Images of another dataset (e.g. ZooLake) placed on the model's map with ``transform``:
     manifest columns, x, y, predictions per level, the kNN score and neighbour vote against the
     model's gallery (built with ``map_limit``, as the map)."""
-    from .embeddings import load_zoo_model, predictions_frame, split_outputs
+    from .embeddings import predictions_frame, split_outputs
     from .neighbours import KNN_K, batch_vote, load_gallery
 
-    model, _ = load_zoo_model(model_name)
+    model = open_model(model_name).classifier
     o = split_outputs(model_name, dataset, None, limit_per_class=limit_per_class)
     m = embedding_map(model_name, limit_per_class=map_limit)
     xy = place(m.reducer(), o.embeddings)

@@ -17,6 +17,14 @@ from data.taxonomy import Taxonomy
 DEFAULT_PREPROCESSING = {"size": 64, "channels": 1, "polarity": "foreground", "mean": 0.08, "std": 0.18}
 
 
+def channel_tensor(value: float | list[float]) -> torch.Tensor:
+    """A normalisation constant: a scalar, or one value per channel shaped (C, 1, 1), so that a
+    1-channel foreground batch (N, 1, S, S) broadcasts to the network's C channels."""
+    if isinstance(value, (list, tuple)):
+        return torch.tensor([float(v) for v in value]).view(-1, 1, 1)
+    return torch.tensor(float(value))
+
+
 class HierarchicalClassifier(nn.Module):
     """Base class: holds taxonomy, config and preprocessing; subclasses define the network."""
 
@@ -30,8 +38,8 @@ class HierarchicalClassifier(nn.Module):
         self.config = dict(config)
         self.preprocessing = {**DEFAULT_PREPROCESSING, **config.get("preprocessing", {})}
         self.config["preprocessing"] = self.preprocessing
-        self.register_buffer("_mean", torch.tensor(float(self.preprocessing["mean"])), persistent=False)
-        self.register_buffer("_std", torch.tensor(float(self.preprocessing["std"])), persistent=False)
+        self.register_buffer("_mean", channel_tensor(self.preprocessing["mean"]), persistent=False)
+        self.register_buffer("_std", channel_tensor(self.preprocessing["std"]), persistent=False)
         # Per-level temperatures fitted on validation data (1 = none); stored with the weights.
         self.register_buffer("temperature", torch.ones(len(self.levels)))
 

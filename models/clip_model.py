@@ -45,7 +45,7 @@ from .checkpoint import CheckpointError, code_version, read_manifest, sha256_fil
 from .metrics import topk_accuracy  # noqa: E402
 
 __all__ = ["PlanktonClip", "ClipClassifier", "create_clip", "save_clip_checkpoint", "load_clip_checkpoint",
-           "load_pretrained_local", "zero_shot_eval", "register_configs", "clip_model_names", "load_clip"]
+           "load_pretrained_local", "zero_shot_eval", "register_configs"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = "plankton-clip-small"
@@ -338,23 +338,6 @@ def load_clip_checkpoint(path: str | Path, verify: bool = True) -> tuple[Plankto
         raise CheckpointError(f"CLIP checkpoint {manifest.get('name')!r} cannot be loaded: {type(e).__name__}: {e}") from None
     pc.eval()
     return pc, manifest
-
-
-def clip_model_names() -> list[str]:
-    """Names of the CLIP models in the zoo."""
-    from .zoo import model_names
-
-    return model_names(kind="clip")
-
-
-def load_clip(name: str) -> tuple[PlanktonClip, dict]:
-    """Load a CLIP model of the zoo by name (sha256-verified)."""
-    from .zoo import list_models
-
-    for m in list_models():
-        if m["name"] == name and m.get("kind") == "clip":
-            return load_clip_checkpoint(m["path"])
-    raise CheckpointError(f"No CLIP model named {name!r} in the zoo ({', '.join(clip_model_names()) or 'none'}).")
 
 
 # --- real pretrained weights from local files -----------------------------------------------------

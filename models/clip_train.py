@@ -34,7 +34,8 @@ from data.splits import DEFAULT_SEED
 
 from .captions import caption_table
 from .checkpoint import load_training_state, save_training_state
-from .clip_model import (DEFAULT_CONFIG, ClipClassifier, PlanktonClip, create_clip, load_clip, save_clip_checkpoint,
+from .handle import open_model
+from .clip_model import (DEFAULT_CONFIG, ClipClassifier, PlanktonClip, create_clip, save_clip_checkpoint,
                          zero_shot_eval)
 from .data import labels_for, load_dataset, subset
 from .base import images_to_tensor
@@ -224,7 +225,8 @@ def train(argv: list[str] | None = None) -> dict:
     pp = {"size": 64, "channels": 1, "polarity": "foreground", "mean": round(mean, 4), "std": round(std, 4)}
     base, init_sha = None, None
     if args.init_from:
-        base, base_man = load_clip(args.init_from)
+        lm = open_model(args.init_from)
+        base, base_man = lm.require_clip(), lm.manifest
         if sorted(base_man.get("heldout") or []) != sorted(held):
             raise SystemExit(f"--init-from {args.init_from}: it was trained with other held-out classes")
         pp, init_sha = dict(base_man["preprocessing"]), base_man.get("sha256")

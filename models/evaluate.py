@@ -19,7 +19,8 @@ from .data import load_dataset, subset
 from .metrics import evaluate_predictions
 from .report import write_results_section
 from .train import predict_arrays
-from .zoo import list_models, load_model
+from .handle import open_model
+from .zoo import list_models
 
 SEED_TABLE = """| model (seed talk, ZooScan) | level 1 (acc F1 P R) | level 2 | level 3 |
 |---|---|---|---|
@@ -31,7 +32,8 @@ SEED_TABLE = """| model (seed talk, ZooScan) | level 1 (acc F1 P R) | level 2 | 
 
 def evaluate(name: str, split: str = "test", tta: bool = False, progress: bool = False) -> dict:
     """The metrics report of zoo model ``name`` on ``split`` of its dataset (held-out classes excluded)."""
-    model, manifest = load_model(name)
+    lm = open_model(name)
+    model, manifest = lm.classifier, lm.manifest
     size = int(model.preprocessing["size"])
     _, df, images, tax, _ = load_dataset(manifest.get("dataset", "ndsb"), size, manifest.get("holdout"))
     if tax.classes != model.class_names["class"]:

@@ -182,9 +182,10 @@ def train(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model = create_model(args.arch, tax, config).to(args.device).to(memory_format=torch.channels_last)
     if args.init_from:
-        from .zoo import load_model
+        from .handle import open_model
 
-        init, init_manifest = load_model(args.init_from)
+        lm = open_model(args.init_from)
+        init, init_manifest = lm.classifier, lm.manifest
         if init.arch != args.arch or init.class_names != model.class_names:
             raise SystemExit(f"--init-from {args.init_from}: a {init.arch} model over other classes cannot initialise this one")
         model.load_state_dict(init.state_dict())

@@ -1,4 +1,4 @@
-"""The model zoo: named checkpoints in ``models/zoo/`` (or ``$PLANKTON_LENS_ZOO``).
+"""The model zoo: named models in ``$PLANKTON_LENS_ZOO`` (default: the user data folder) and ``models/zoo/``.
 
     python -m models.zoo [--json]
 
@@ -12,27 +12,59 @@ import os
 import sys
 from pathlib import Path
 
-from .base import HierarchicalClassifier
-from .checkpoint import CheckpointError, load_checkpoint, read_manifest
+from .checkpoint import CheckpointError, read_manifest
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo"
 #: Preferred default model for the dashboard, in order; the first present is used.
 DEFAULT_ORDER = ("ndsb-bacnn", "ndsb-bcnn", "ndsb-flat", "ndsb-sbacnn")
+#: Manifest formats the zoo lists: the project's checkpoints and imported models.
+FORMATS = ("plankton-lens-checkpoint", "plankton-lens-import")
+
+
+def user_zoo_dir() -> Path:
+    """Where ``python -m models add`` registers models: the first folder of ``$PLANKTON_LENS_ZOO``,
+    else ``models/`` inside the user data folder."""
+    extra = [p for p in os.environ.get("PLANKTON_LENS_ZOO", "").split(os.pathsep) if p]
+    if extra:
+        return Path(extra[0]).expanduser()
+    from data.paths import user_data_dir
+
+    return user_data_dir() / "models"
 
 
 def zoo_dirs() -> list[Path]:
-    """Folders searched for checkpoints: ``$PLANKTON_LENS_ZOO`` (``:``-separated) then models/zoo."""
-    extra = [Path(p) for p in os.environ.get("PLANKTON_LENS_ZOO", "").split(os.pathsep) if p]
-    return [*extra, ZOO_DIR]
+    """Folders searched for models, first first: ``$PLANKTON_LENS_ZOO`` (``:``-separated; default
+    the user data folder's ``models/``), then the project's own ``models/zoo``."""
+    extra = [Path(p).expanduser() for p in os.environ.get("PLANKTON_LENS_ZOO", "").split(os.pathsep) if p]
+    return [*(extra or [user_zoo_dir()]), ZOO_DIR]
 
 
-def _manifest_paths() -> dict[str, Path]:
-    out: dict[str, Path] = {}
+def _entries() -> list[tuple[str, Path, dict | None, str | None]]:
+    """Every manifest file of every zoo folder as (name, path, manifest or None, error or None),
+    in search order; JSON files of other formats are left out."""
+    out = []
     for d in zoo_dirs():
-        if d.is_dir():
-            for p in sorted(d.glob("*.json")):
-                out.setdefault(p.stem, p)
+        if not d.is_dir():
+            continue
+        for p in sorted(d.glob("*.json")):
+            try:
+                m = read_manifest(p)
+            except CheckpointError as e:
+                out.append((p.stem, p, None, str(e)))
+                continue
+            if not isinstance(m, dict):
+                out.append((p.stem, p, None, f"Checkpoint manifest {p} is not a JSON object."))
+                continue
+            if not str(m.get("format", "")).startswith(FORMATS):
+                continue
+            out.append((str(m.get("name") or p.stem), p, m, None))
     return out
+
+
+def manifest_path(name: str) -> Path | None:
+    """The manifest of the first readable zoo entry called ``name`` (a broken entry of the same
+    name earlier in the search order never hides it), or None."""
+    return next((p for n, p, m, _ in _entries() if n == name and m is not None), None)
 
 
 def headline(manifest: dict) -> dict:
@@ -49,26 +81,26 @@ def headline(manifest: dict) -> dict:
 
 
 def list_models() -> list[dict]:
-    """One entry per checkpoint: name, arch, dataset, held-out classes, metrics, command, path."""
-    out = []
-    for name, p in _manifest_paths().items():
-        try:
-            m = read_manifest(p)
-        except CheckpointError as e:
-            out.append({"name": name, "error": str(e), "path": str(p)})
+    """One entry per model: name, arch, dataset, held-out classes, metrics, command, path; a broken
+    entry as ``{"name", "error", "path"}`` (listed, and never hiding a valid model of its name)."""
+    out, seen = [], set()
+    for name, p, m, err in _entries():
+        if m is None:
+            out.append({"name": name, "error": err, "path": str(p)})
             continue
-        if m.get("format", "").startswith("plankton-lens-checkpoint") is False:
+        if name in seen:  # shadowed by an earlier folder's model of the same name
             continue
+        seen.add(name)
         out.append({
             "name": name, "arch": m.get("arch"), "dataset": m.get("dataset"), "heldout": m.get("heldout", []),
             "kind": m.get("kind", "classifier"), "parameters": m.get("parameters"),
             "size_mb": round(m.get("size_bytes", 0) / 2**20, 2), "metrics": headline(m),
-            "command": m.get("command"), "path": str(p),
+            "command": m.get("command"), "path": str(p), "source": m.get("source", "plankton-lens"),
         })
     return out
 
 
-#: Kinds of zoo entries that ``load_model`` returns as a ``HierarchicalClassifier``.
+#: Kinds of zoo entries that ``open_model`` returns behind the classifier interface.
 CLASSIFIER_KINDS = ("classifier", "clip")
 
 
@@ -80,7 +112,7 @@ def model_names(kind: str | None = "classifier", *, kinds: tuple[str, ...] | Non
 
 def model_kind(name: str) -> str | None:
     """The kind ("classifier", "clip") of a zoo model, or None when there is no such model."""
-    return next((m.get("kind", "classifier") for m in list_models() if m["name"] == name), None)
+    return next((m.get("kind", "classifier") for m in list_models() if m["name"] == name and "error" not in m), None)
 
 
 def default_model_name() -> str | None:
@@ -89,20 +121,6 @@ def default_model_name() -> str | None:
         if n in names:
             return n
     return names[0] if names else None
-
-
-def load_model(name: str) -> tuple[HierarchicalClassifier, dict]:
-    """Load a zoo model by name (sha256-verified): a classifier, or a CLIP model wrapped as a
-    :class:`~models.clip_model.ClipClassifier` (logits from its class prompt ensembles)."""
-    paths = _manifest_paths()
-    if name not in paths:
-        raise CheckpointError(f"No model named {name!r} in the zoo ({', '.join(sorted(paths)) or 'empty'}).")
-    if read_manifest(paths[name]).get("kind") == "clip":
-        from .clip_model import ClipClassifier, load_clip_checkpoint  # open_clip: imported only when needed
-
-        pc, manifest = load_clip_checkpoint(paths[name])
-        return ClipClassifier(pc).eval(), manifest
-    return load_checkpoint(paths[name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m['name']:<24} ERROR {m['error']}")
             continue
         met = m["metrics"]
-        print(f"{m['name']:<24} {m['arch']:<7} {m['parameters'] / 1e6:.1f}M  leaf acc {met.get('class_accuracy', float('nan')):.3f}  "
+        print(f"{m['name']:<24} {str(m['arch']):<7} {(m['parameters'] or 0) / 1e6:.1f}M  leaf acc {met.get('class_accuracy', float('nan')):.3f}  "
               f"log loss {met.get('leaf_log_loss', float('nan')):.3f}")
-        print(f"{'':<24} reproduce: {m['command']}")
+        print(f"{'':<24} {'reproduce' if m['source'] == 'plankton-lens' else 'imported'}: {m['command']}")
     return 0
 
 

@@ -120,9 +120,8 @@ st.caption("A classifier's usual activation has one class clearly above the rest
 picked = current_model()
 if picked is None:
     st.stop()
-model, man = picked
-name = man.get("name", "?")
-sha = man.get("sha256", "")
+model, man = picked.classifier, picked.manifest
+name, sha = picked.name, picked.sha256
 limit = _size_choice(name)
 try:
     _ensure(name, limit)

@@ -23,7 +23,8 @@ from explain.predict import Prediction, ground_truth_path, predict
 from explain.saliency import METHODS, is_signed
 from models.base import images_to_tensor
 from models.train import predict_arrays
-from pages.common import COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_model, gallery_sample, get_manifest, get_model, get_source, get_sources
+from models.handle import open_model
+from pages.common import COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_model, gallery_sample, get_manifest, get_source, get_sources
 from pages.common import explanation_attribution as _attr
 from pages.common import explanation_contrast as _contrast
 from pages.common import explanation_faithfulness as _faith
@@ -57,7 +58,7 @@ class Loaded:
 @st.cache_data(show_spinner="Scoring these test images once for this model…", max_entries=32)
 def _subset_predictions(model_name: str, sha: str, dataset: str, relpaths: tuple[str, ...]) -> pd.DataFrame:
     """Leaf prediction and confidence of each image (model name + sha key the cache)."""
-    model, _ = get_model(model_name)
+    model = open_model(model_name).classifier
     man = get_manifest(dataset)
     sub = man.set_index("relpath").loc[list(relpaths)].reset_index()
     arr = decoded_array(get_source(dataset), sub, model.preprocessing["size"], progress=False)
@@ -427,9 +428,9 @@ def main() -> None:
     loaded = current_model()
     if loaded is None:
         return
-    model, manifest = loaded
+    model, manifest = loaded.classifier, loaded.manifest
     model.eval()
-    mkey = f"{manifest.get('name')}:{manifest.get('sha256')}"
+    mkey = loaded.key
     if model.arch == "clip":
         st.info(f"**{manifest.get('name')}** is a CLIP model used as a classifier: a class's logit is the scaled "
                 "similarity of the image to that class's text prompts, and the higher levels add up their classes' "

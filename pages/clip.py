@@ -19,6 +19,7 @@ from data.manifest import decoded_array
 from explain import clip as xc
 from explain.export import overlay
 from models.checkpoint import CheckpointError
+from models.handle import open_model
 from models.zoo import list_models
 from pages.common import MODEL_KEY, get_manifest, get_sources, load_dataset_image
 from pages.common import image_key as _key
@@ -45,16 +46,11 @@ def clip_models() -> list[dict]:
     return [m for m in list_models() if m.get("kind") == "clip" and "error" not in m]
 
 
-@st.cache_resource(show_spinner="Loading the CLIP model…")
-def get_clip(name: str, path: str):
-    """A zoo CLIP model (``path`` keys the cache so a retrained model is reloaded)."""
-    return xc.load_clip(name)
-
-
 @st.cache_resource(show_spinner="Embedding known images for the anomaly score (once per model)…")
-def get_scorer(name: str, path: str, dataset: str) -> xc.AnomalyScorer | None:
-    """Anomaly scorer with a gallery of 12 training and 6 validation images per known class."""
-    pc, _ = get_clip(name, path)
+def get_scorer(model_key: str, name: str, dataset: str) -> xc.AnomalyScorer | None:
+    """Anomaly scorer with a gallery of 12 training and 6 validation images per known class
+    (``model_key``, the model's ``name:sha256``, keys the cache)."""
+    pc = open_model(name).require_clip()
     if dataset not in get_sources():
         return None
     man = get_manifest(dataset)
@@ -275,13 +271,13 @@ if current not in names and st.session_state.get(MODEL_KEY) in names:
 default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
 name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
                             help="CLIP models of the zoo (kind “clip”).")
-path = next(m["path"] for m in models if m["name"] == name)
 try:
-    pc, man = get_clip(name, path)
+    lm = open_model(name)
+    pc, man = lm.require_clip(), lm.manifest
 except CheckpointError as e:
     st.error(f"The CLIP model {name!r} could not be loaded: {e}")
     st.stop()
-mkey = f"{name}:{str(man.get('sha256'))[:16]}"
+mkey = lm.key
 
 img = _pick(pc, man)
 if img is None:
@@ -300,7 +296,7 @@ with right:
     st.dataframe(top[["class", "subgroup", "similarity", "probability"]], hide_index=True, width="stretch",
                  column_config={"probability": st.column_config.ProgressColumn("probability", format="%.2f", min_value=0.0, max_value=1.0),
                                 "similarity": st.column_config.NumberColumn("similarity", format="%.3f")})
-    scorer = get_scorer(name, path, man.get("dataset", "ndsb"))
+    scorer = get_scorer(mkey, name, man.get("dataset", "ndsb"))
     if scorer is not None:
         s = scorer.score(img.fg[None])
         pct = scorer.percentile(float(s["combined"][0]))

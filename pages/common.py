@@ -17,9 +17,9 @@ from PIL import Image
 from data.decode import ImageDecodeError, decode_image, fit_square, load_for_model
 from data.manifest import build_manifest
 from data.sources import DatasetNotFound, Source, available_sources, open_source
-from models.base import HierarchicalClassifier
 from models.checkpoint import CheckpointError
-from models.zoo import CLASSIFIER_KINDS, default_model_name, list_models, load_model, model_names
+from models.handle import LensModel, open_model
+from models.zoo import CLASSIFIER_KINDS, default_model_name, list_models, model_names
 
 MODEL_KEY = "model_name"
 
@@ -46,13 +46,6 @@ _use_app_navigation()
 @st.cache_data(ttl=60, show_spinner=False)
 def zoo_table() -> list[dict]:
     return list_models()
-
-
-@st.cache_resource(show_spinner="Loading model…")
-def get_model(name: str) -> tuple[HierarchicalClassifier, dict]:
-    """A zoo model, loaded once per server (sha256-verified); a CLIP model comes as a
-    ``ClipClassifier`` (its leaf logits are scaled similarities to the class prompts)."""
-    return load_model(name)
 
 
 @st.cache_resource(show_spinner=False)
@@ -89,15 +82,16 @@ def model_picker() -> str | None:
     return st.session_state[MODEL_KEY]
 
 
-def current_model() -> tuple[HierarchicalClassifier, dict] | None:
-    """The model chosen in the sidebar (a classifier or a CLIP model as a ``ClipClassifier``),
-    or None (with a message) when it cannot be loaded."""
+def current_model() -> LensModel | None:
+    """The model chosen in the sidebar (:func:`models.handle.open_model`: a classifier, or a CLIP
+    model behind a ``ClipClassifier``), or None (with a message) when it cannot be loaded."""
     name = st.session_state.get(MODEL_KEY) or default_model_name()
     if not name:
         st.info("No model in the zoo yet. Train one: `python -m models.train --arch bacnn --dataset ndsb`.")
         return None
     try:
-        return get_model(name)
+        with st.spinner(f"Loading {name}…"):
+            return open_model(name)
     except CheckpointError as e:
         st.error(f"Model {name!r} could not be loaded: {e}")
         return None
@@ -233,7 +227,8 @@ def warm_first_explanation(name: str) -> bool:
     from explain.saliency import is_signed
     from models.base import images_to_tensor
 
-    model, manifest = get_model(name)
+    lm = open_model(name)
+    model, manifest = lm.classifier, lm.manifest
     dataset = manifest.get("dataset")
     if dataset not in get_sources():
         return False
@@ -244,7 +239,7 @@ def warm_first_explanation(name: str) -> bool:
     if shown.empty or (img := load_dataset_image(dataset, shown.iloc[0]["relpath"], model.preprocessing["size"], DISPLAY_PX)) is None:
         return False
     model.eval()
-    mkey = f"{manifest.get('name')}:{manifest.get('sha256')}"
+    mkey = lm.key
     x = images_to_tensor(img.fg)
     with COMPUTE_LOCK:
         pred = predict(model, x, k=5)
@@ -289,7 +284,7 @@ def warm_caches() -> None:
 
     name = default_model_name()
     if name is not None and not warm_first_explanation(name):
-        model, _ = get_model(name)
+        model = open_model(name).classifier
         x = torch.zeros(1, 1, model.preprocessing["size"], model.preprocessing["size"])
         with COMPUTE_LOCK:
             attribute(model, x, model.levels[-1], None, "integrated_gradients", n_steps=2)
@@ -388,8 +383,8 @@ def model_with_dataset(title: str, intro: str, purpose: str):
     loaded = current_model()
     if loaded is None:
         return None
-    model, manifest = loaded
-    name = manifest.get("name") or st.session_state.get(MODEL_KEY)
+    model, manifest = loaded.classifier, loaded.manifest
+    name = loaded.name
     dataset = manifest.get("dataset", "ndsb")
     if dataset not in get_sources():
         st.warning(f"The {dataset} dataset this model was trained on was not found, so there is nothing to {purpose}.")

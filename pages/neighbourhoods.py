@@ -16,10 +16,11 @@ from plotly.colors import qualitative
 
 from data.decode import ImageDecodeError, fit_square, load_for_model
 from data.sources import DatasetNotFound
-from explain.embeddings import compute_embeddings, load_zoo_model
+from explain.embeddings import compute_embeddings
 from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
 from explain.projection import gallery_map_rows, map_cached, map_frame, place, placed_frame, quick_place
 from pages.common import (dataset_embeddings, gallery, get_sources, logit_scores, model_with_dataset,
+from models.handle import open_model
                           run_with_progress, size_choice, thumbnail)
 
 log = logging.getLogger("plankton_lens.neighbourhoods")
@@ -301,7 +302,7 @@ def _placed_upload(model_name: str, sha: str, limit: int | None, df: pd.DataFram
     key = (fid, model_name, sha, limit)
     got = st.session_state.get("nb_upload_placed")
     if not got or got["key"] != key:
-        model, _ = load_zoo_model(model_name)
+        model = open_model(model_name).classifier
         try:
             fg, _, square = load_for_model(data, int(model.preprocessing["size"]), mode="L")
         except ImageDecodeError as e:

@@ -51,9 +51,9 @@ def tiny(tmp_path_factory):
     res = train_tiny(tmp, "tiny-clip")
     old = os.environ.get("PLANKTON_LENS_ZOO")
     os.environ["PLANKTON_LENS_ZOO"] = os.pathsep.join([str(tmp / "zoo"), *([old] if old else [])])
-    from models.clip_model import load_clip
+    from models.handle import open_model
 
-    pc, man = load_clip("tiny-clip")
+    pc, man = (open_model("tiny-clip").require_clip(), open_model("tiny-clip").manifest)
     yield {"tmp": tmp, "result": res, "pc": pc, "manifest": man}
     if old is None:
         os.environ.pop("PLANKTON_LENS_ZOO", None)
@@ -465,12 +465,13 @@ def test_zoo_loads_a_clip_entry_as_a_classifier(tiny, images, tmp_path, monkeypa
     from models.checkpoint import CheckpointError
     from models.clip_model import ClipClassifier
     from models.train import predict_arrays
-    from models.zoo import CLASSIFIER_KINDS, default_model_name, load_model, model_kind, model_names
+    from models.handle import open_model
+    from models.zoo import CLASSIFIER_KINDS, default_model_name, model_kind, model_names
 
     assert "tiny-clip" in model_names(kinds=CLASSIFIER_KINDS) and "tiny-clip" in model_names(kinds=("clip",))
     assert "tiny-clip" not in model_names() and model_kind("tiny-clip") == "clip" and model_kind("no-such") is None
     assert default_model_name() != "tiny-clip"  # the default stays a classifier (ndsb-bacnn when trained)
-    model, man = load_model("tiny-clip")
+    model, man = open_model("tiny-clip").classifier, open_model("tiny-clip").manifest
     assert isinstance(model, ClipClassifier) and not model.training
     assert man["kind"] == "clip" and man["sha256"] == tiny["manifest"]["sha256"]
     tax = model.taxonomy
@@ -500,7 +501,7 @@ def test_zoo_loads_a_clip_entry_as_a_classifier(tiny, images, tmp_path, monkeypa
     (damaged / w.name).write_bytes(bytes(data))
     monkeypatch.setenv("PLANKTON_LENS_ZOO", os.pathsep.join([str(damaged), os.environ["PLANKTON_LENS_ZOO"]]))
     with pytest.raises(CheckpointError, match="integrity"):
-        load_model("tiny-clip")
+        open_model("tiny-clip")
 
 
 # --- explanations ---------------------------------------------------------------------------------
@@ -620,11 +621,12 @@ def test_benchmark_command_compares_models(tiny, tmp_path, capsys):
 
 # --- the trained zoo model (skipped until it exists) ------------------------------------------------
 def _trained():
-    from models.clip_model import clip_model_names, load_clip
+    from models.handle import open_model
+    from models.zoo import model_names
 
-    if "ndsb-clip" not in clip_model_names():
+    if "ndsb-clip" not in model_names(kind="clip"):
         pytest.skip("ndsb-clip is not in the zoo yet: train it with python -m models.clip_train --minutes 40")
-    return load_clip("ndsb-clip")
+    return (open_model("ndsb-clip").require_clip(), open_model("ndsb-clip").manifest)
 
 
 @requires_data

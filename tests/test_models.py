@@ -16,7 +16,8 @@ from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.data import load_dataset, subset
 from models.metrics import consistency, evaluate_predictions, log_loss, mistake_severity, prf_macro, topk_accuracy
 from models.train import augment, level_loss, loss_weights
-from models.zoo import list_models, load_model
+from models.handle import open_model
+from models.zoo import list_models
 
 from .conftest import REPO, requires_data
 
@@ -261,7 +262,7 @@ ZOO = [m for m in list_models() if m.get("kind") == "classifier" and str(m["path
 @pytest.mark.skipif(not ZOO, reason="no committed zoo model")
 @pytest.mark.parametrize("entry", ZOO, ids=[m["name"] for m in ZOO])
 def test_committed_zoo_models_load_and_are_small(entry):
-    model, manifest = load_model(entry["name"])
+    model, manifest = open_model(entry["name"]).classifier, open_model(entry["name"]).manifest
     assert manifest["size_bytes"] <= 20 * 2**20
     assert manifest["command"].startswith("python -m models.train")
     assert manifest["metrics"]["test"]["leaf"]["accuracy"] > 0.3  # a trained model, far above chance (1/121)

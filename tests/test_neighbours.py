@@ -14,6 +14,7 @@ import pytest
 from explain.neighbours import (KNN_K, batch_vote, build_index, drop_self, knn_score, make_gallery, neighbour_table,
                                 neighbour_vote, normalise, search)
 from tests.conftest import REPO, requires_data
+from models.handle import open_model
 
 LIMIT = 10  # images per class and split in the real-data tests (fast on a CPU)
 
@@ -121,9 +122,9 @@ def model_name():
 @requires_data
 def test_compute_embeddings_batches_are_consistent(model_name, ndsb, ndsb_manifest):
     from data.manifest import decoded_array
-    from explain.embeddings import compute_embeddings, load_zoo_model
+    from explain.embeddings import compute_embeddings
 
-    model, _ = load_zoo_model(model_name)
+    model = open_model(model_name).classifier
     rows = ndsb_manifest.groupby("class").head(1).head(40).reset_index(drop=True)
     imgs = np.asarray(decoded_array(ndsb, rows, 64, progress=False))
     e = compute_embeddings(model, imgs, batch_size=16)
@@ -136,11 +137,11 @@ def test_compute_embeddings_batches_are_consistent(model_name, ndsb, ndsb_manife
 def test_gallery_neighbours_include_their_own_class(model_name):
     """Images of the gallery find images of their own class among their 10 nearest other known images
     far more often than chance; for a trained model (leaf accuracy ≥ 0.5) for most of them."""
-    from explain.embeddings import load_zoo_model, split_outputs
+    from explain.embeddings import split_outputs
     from explain.neighbours import load_gallery
 
     g = load_gallery(model_name, LIMIT)
-    _, man = load_zoo_model(model_name)
+    man = open_model(model_name).manifest
     assert not g.rows["class"].isin(man.get("heldout") or []).any()
     assert (g.rows["split"] == "train").all()
     dist, ids = search(g.index, g.vectors, 11)
@@ -167,7 +168,8 @@ def test_cache_is_reused_and_rebuilt_when_the_model_changes(model_name, tmp_path
 
     monkeypatch.setenv("PLANKTON_LENS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PLANKTON_LENS_ZOO", f"{tmp_path / 'zoo'}{os.pathsep}{os.environ.get('PLANKTON_LENS_ZOO', '')}")
-    model, man = E.load_zoo_model(model_name)
+    lm = open_model(model_name)
+    model, man = lm.classifier, lm.manifest
     extra = {k: man[k] for k in ("dataset", "split_seed", "heldout") if k in man}
     save_checkpoint(model, tmp_path / "zoo" / "lens-test", **extra)
     e1, rows = E.split_embeddings("lens-test", "ndsb", limit_per_class=1)
@@ -185,7 +187,7 @@ def test_cache_is_reused_and_rebuilt_when_the_model_changes(model_name, tmp_path
     monkeypatch.setenv("PLANKTON_LENS_ZOO", f"{tmp_path / 'zoo'}{os.pathsep}{os.environ.get('PLANKTON_LENS_ZOO', '')}")
 
     # Retrained (other weights, same name): a new sha256, so a new cache file replaces the old one.
-    changed, _ = E.load_zoo_model("lens-test")
+    changed = open_model("lens-test").classifier
     with torch.no_grad():
         for p in changed.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -292,7 +294,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @requires_data
 def test_query_command_json(model_name, ndsb, ndsb_manifest, tmp_path):
-    from explain.embeddings import load_zoo_model
 
     b = _cli("explain.embeddings", "build", "--model", model_name, "--limit-per-class", str(LIMIT), "--json")
     assert b.returncode == 0, b.stderr
@@ -309,13 +310,13 @@ def test_query_command_json(model_name, ndsb, ndsb_manifest, tmp_path):
     assert set(out["neighbours"][0]) >= {"path", "dataset", "label", "distance"}
     d = [n["distance"] for n in out["neighbours"]]
     assert d == sorted(d) and all(n["dataset"] == "ndsb" for n in out["neighbours"])
-    model, _ = load_zoo_model(model_name)
+    model = open_model(model_name).classifier
     assert list(out["vote"]) == list(model.levels)
     assert out["knn_score"] >= d[-1] - 1e-4 or KNN_K != 10
     # A gallery image named as dataset:relpath is not its own neighbour.
     from explain.embeddings import dataset_manifest
 
-    _, rows = dataset_manifest("ndsb", load_zoo_model(model_name)[1], LIMIT)
+    _, rows = dataset_manifest("ndsb", open_model(model_name).manifest, LIMIT)
     own = rows[rows["split"] == "train"]["relpath"].iloc[0]
     r = _cli("explain.neighbours", "query", "--model", model_name, "--image", f"ndsb:{own}", "--json",
              "--limit-per-class", str(LIMIT))

@@ -244,12 +244,13 @@ def test_outlier_term_raises_flatness_on_chimeras():
     """A few fine-tuning steps with the flat-logit term on real NDSB images make chimeras'
     leaf logits flatter than the same steps without it."""
     from models.base import images_to_tensor
-    from models.zoo import default_model_name, load_model
+    from models.handle import open_model
+    from models.zoo import default_model_name
 
     if default_model_name() is None:
         pytest.skip("no model in the zoo")
     torch.manual_seed(0)
-    base, _ = load_model(default_model_name())
+    base = open_model(default_model_name()).classifier
     sub, imgs = _tiny_real_subset()
     x = images_to_tensor(imgs)
     labels = {}

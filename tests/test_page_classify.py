@@ -92,9 +92,10 @@ def test_gallery_pick_level_method_and_contrast(ndsb_manifest):
     at.radio(key="level").set_value("group").run()
     _ok(at)
     target = next(s for s in at.selectbox if s.label == "Explain class")
-    from models.zoo import default_model_name, load_model
+    from models.handle import open_model
+    from models.zoo import default_model_name
 
-    model, _ = load_model(default_model_name())
+    model = open_model(default_model_name()).classifier
     assert {o.rsplit(" (", 1)[0] for o in target.options} == set(model.class_names["group"])
 
     # Method switch, then "why A rather than B".
@@ -311,9 +312,10 @@ def test_restarted_server_reads_explanations_from_disk(monkeypatch, tmp_path):
     st.cache_data.clear()
     at = _app()  # computes the opening image's explanation into the empty store
     _ok(at)
-    from models.zoo import default_model_name, load_model
+    from models.handle import open_model
+    from models.zoo import default_model_name
 
-    n_levels = len(load_model(default_model_name())[0].levels)
+    n_levels = len(open_model(default_model_name()).classifier.levels)
     assert sorted(p.name.split("-")[0] for p in tmp_path.rglob("*.npz")) == \
         ["attribution"] * n_levels + ["faithfulness"] * n_levels + ["references"]
 

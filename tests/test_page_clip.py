@@ -222,7 +222,7 @@ def test_sidebar_picker_offers_clip_models_marked(clip_zoo):
 
 def test_classify_page_with_the_clip_model(clip_zoo):
     from explain.saliency import METHODS
-    from models.zoo import load_model
+    from models.handle import open_model
 
     at = _app_with_model("ndsb-clip")
     at.switch_page("pages/classify.py").run()
@@ -230,7 +230,7 @@ def test_classify_page_with_the_clip_model(clip_zoo):
     assert not at.error, [e.value for e in at.error]
     assert at.session_state["model_name"] == "ndsb-clip"
     assert any("CLIP model used as a classifier" in i.value for i in at.info)
-    model, _ = load_model("ndsb-clip")
+    model = open_model("ndsb-clip").classifier
     # Predictions at every level, each level's top-5 bars.
     assert "Predicted class" in [c.value for c in at.caption]
     steps = next(m.value for m in at.markdown if m.value.startswith(f"**{model.levels[0]}**"))

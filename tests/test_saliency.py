@@ -20,12 +20,13 @@ TRAINED_ACCURACY = 0.3
 
 @pytest.fixture(scope="module")
 def zoo_model():
-    from models.zoo import default_model_name, load_model
+    from models.handle import open_model
+    from models.zoo import default_model_name
 
     name = default_model_name()
     if name is None:
         pytest.skip("no model in the zoo")
-    model, manifest = load_model(name)
+    model, manifest = open_model(name).classifier, open_model(name).manifest
     return model.eval(), manifest
 
 
