@@ -59,3 +59,39 @@ def user_data_dir() -> Path:
     p = Path(os.environ.get("PLANKTON_LENS_DATA", Path.home() / ".local" / "share" / "plankton-lens"))
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+class PathNotAllowed(ValueError):
+    """A server path outside the roots the operator allowed (``PLANKTON_LENS_ROOTS``)."""
+
+
+def allowed_roots() -> list[Path]:
+    """Folders under which the dashboard may read a path typed by a visitor: ``$PLANKTON_LENS_ROOTS``
+    (``:``-separated), default the datasets folder and the user data folder."""
+    env = [p for p in os.environ.get("PLANKTON_LENS_ROOTS", "").split(os.pathsep) if p]
+    roots = [Path(p).expanduser() for p in env] if env else [r for r in (datasets_root(), user_data_dir()) if r]
+    out = []
+    for r in roots:
+        try:
+            out.append(r.resolve())
+        except OSError:
+            continue
+    return out
+
+
+def under_allowed_root(path: str | Path) -> Path:
+    """``path`` resolved (symlinks followed) when it lies under an allowed root, else PathNotAllowed
+    with a message; ``..``, a symlink out of a root and absolute paths elsewhere are all refused."""
+    text = str(path).strip()
+    if not text:
+        raise PathNotAllowed("No path given.")
+    try:
+        p = Path(text).expanduser()
+        resolved = p.resolve() if p.is_absolute() else p.resolve()
+    except (OSError, RuntimeError) as e:
+        raise PathNotAllowed(f"The path cannot be used: {getattr(e, 'strerror', None) or e}.") from None
+    roots = allowed_roots()
+    if not any(resolved == r or r in resolved.parents for r in roots):
+        raise PathNotAllowed("That path is outside the folders this server may read ("
+                             + ", ".join(str(r) for r in roots) + "). An operator can allow more with PLANKTON_LENS_ROOTS.")
+    return resolved

@@ -135,7 +135,8 @@ def cascade_groups(model: HierarchicalClassifier) -> list[tuple[str, list[str]]]
     """Parameter names randomised cumulatively, top first: the layers after the GradCAM block
     (heads), then that last convolutional block, then every remaining weight."""
     names = [n for n, _ in model.named_parameters()]
-    cam = {id(p) for p in model.gradcam_layer.parameters()}
+    block = getattr(model, "gradcam_block", None) or model.gradcam_layer  # a ViT's grid view has no weights
+    cam = {id(p) for p in block.parameters()}
     cam_names = [n for n, p in model.named_parameters() if id(p) in cam]
     last = max(names.index(n) for n in cam_names)
     heads = [n for n in names[last + 1:] if n not in cam_names]

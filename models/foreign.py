@@ -12,7 +12,6 @@ written by ``python -m models add`` (:mod:`models.importer`).
 from __future__ import annotations
 
 import json
-import threading
 import zipfile
 from pathlib import Path
 
@@ -251,11 +250,13 @@ def install_gradcam_layer(net: nn.Module, size: int, in_chans: int, layer: str |
         prefix = int(getattr(net, "num_prefix_tokens", 1))
         wrapped = TokenGrid(blocks[-1].norm1, prefix)
         blocks[-1].norm1 = wrapped
+        wrapped.view.block = [blocks[-1]]  # the block whose weights the sanity check randomises
         return wrapped.view, f"blocks.{len(blocks) - 1}.norm1 (token grid)"
     if "swin" in type(net).__name__.lower() and hasattr(net, "layers"):
         last = net.layers[-1]
         wrapped = TokenGrid(last, 0, layout="nhwc")
         net.layers[-1] = wrapped
+        wrapped.view.block = [last]
         return wrapped.view, f"layers.{len(net.layers) - 1} (NCHW view)"
     seen: list[tuple[str, nn.Module]] = []
     names = {m: n for n, m in net.named_modules()}
@@ -293,15 +294,15 @@ class ForeignClassifier(HierarchicalClassifier):
         pp = self.preprocessing
         self.polarity = pp.get("polarity", "dark-on-light")
         self._head = head_module(net)
-        self._feats = threading.local()
         for lvl in self.levels[:-1]:
             m = torch.from_numpy(taxonomy.level_matrix(lvl))
             self.register_buffer(f"_logmask_{lvl}", torch.log(m), persistent=False)
         head_order = config.get("head_classes")
-        self._perm = None
+        perm = None
         if head_order and list(head_order) != list(taxonomy.classes):
             pos = {c: i for i, c in enumerate(head_order)}
-            self.register_buffer("_perm", torch.tensor([pos[c] for c in taxonomy.classes]), persistent=False)
+            perm = torch.tensor([pos[c] for c in taxonomy.classes])
+        self.register_buffer("_perm", perm, persistent=False)
         self._cam, self.gradcam_layer_name = install_gradcam_layer(net, int(pp["size"]), int(pp.get("channels", 3)),
                                                                    config.get("gradcam_layer_name"))
 
@@ -313,9 +314,9 @@ class ForeignClassifier(HierarchicalClassifier):
     def forward_raw(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         if x.shape[1] == 1 and int(self.preprocessing.get("channels", 3)) > 1 and self._mean.ndim == 0:
             x = x.expand(-1, int(self.preprocessing["channels"]), -1, -1)
-        handle = None
-        if self._head is not None:
-            handle = self._head.register_forward_pre_hook(lambda _m, inp: setattr(self._feats, "f", inp[0]))
+        handle, store = None, {}
+        if self._head is not None:  # the head's input is the embedding (one dict per call: thread-safe)
+            handle = self._head.register_forward_pre_hook(lambda _m, inp: store.__setitem__("f", inp[0]))
         try:
             leaf = self.net(x)
         finally:
@@ -327,13 +328,17 @@ class ForeignClassifier(HierarchicalClassifier):
             raise CheckpointError(f"The model returned {type(leaf).__name__} instead of a (N, classes) logit tensor.")
         if self._perm is not None:  # the head's class order → the taxonomy's (sorted) order
             leaf = leaf.index_select(1, self._perm)
-        feats = getattr(self._feats, "f", None) if self._head is not None else None
-        self._feats.f = None
+        feats = store.get("f")
         if feats is None or feats.ndim != 2:
             feats = leaf
         out = _log_sum_to_levels(leaf.log_softmax(-1), {lvl: getattr(self, f"_logmask_{lvl}") for lvl in self.levels[:-1]})
         out[self.levels[-1]] = leaf
         return {lvl: out[lvl] for lvl in self.levels}, feats
+
+    @property
+    def gradcam_block(self) -> nn.Module:
+        """The block holding the GradCAM layer's weights (for a transformer, its last block)."""
+        return getattr(self.gradcam_layer, "block", [self.gradcam_layer])[0]
 
     @property
     def gradcam_layer(self) -> nn.Module:

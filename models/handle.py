@@ -104,7 +104,8 @@ def _weights_files(path: Path) -> list[Path]:
         m = read_manifest(path)
     except CheckpointError:
         return []
-    files = [m.get("weights"), m.get("weights_file")]
+    source = m.get("source") if isinstance(m.get("source"), dict) else {}
+    files = [m.get("weights"), m.get("weights_file"), source.get("weights")]
     return [(path.parent / f) for f in files if isinstance(f, str) and f]
 
 

@@ -95,7 +95,8 @@ def list_models() -> list[dict]:
             "name": name, "arch": m.get("arch"), "dataset": m.get("dataset"), "heldout": m.get("heldout", []),
             "kind": m.get("kind", "classifier"), "parameters": m.get("parameters"),
             "size_mb": round(m.get("size_bytes", 0) / 2**20, 2), "metrics": headline(m),
-            "command": m.get("command"), "path": str(p), "source": m.get("source", "plankton-lens"),
+            "command": m.get("command"), "path": str(p), "source": "imported" if str(m.get("format", "")).startswith("plankton-lens-import") or m.get("pretrained")
+            else "plankton-lens",
         })
     return out
 

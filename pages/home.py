@@ -19,7 +19,8 @@ st.markdown(
 )
 
 st.subheader("Models")
-models = [m for m in zoo_table() if "error" not in m]
+table = zoo_table()
+models = [m for m in table if "error" not in m]
 if models:
     rows = []
     for m in models:
@@ -31,6 +32,44 @@ if models:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 else:
     st.info("No trained model found in models/zoo.")
+for m in table:
+    if "error" in m:
+        st.warning(f"Model entry {m['name']!r} cannot be used: {m['error']}", icon=":material/error:")
+
+
+def _add_model_form() -> None:
+    """Register a model from a path on the server (under the allowed roots): models.importer."""
+    from data.paths import PathNotAllowed, under_allowed_root
+    from models.foreign import ModelImportError
+    from models.importer import add_model
+
+    with st.expander("Bring your own model", icon=":material/add:"):
+        st.caption("A timm or torchvision state_dict (give its architecture), a timm / Hugging Face folder "
+                   "(config.json + weights), a TorchScript file or an open_clip folder, on this server. "
+                   "The same as `python -m models add PATH --name NAME`.")
+        with st.form("add_model"):
+            c = st.columns(2)
+            path = c[0].text_input("Path on the server", key="add_path")
+            name = c[1].text_input("Name", key="add_name")
+            arch = c[0].text_input("Architecture (for a state_dict)", key="add_arch", placeholder="resnet18")
+            classes = c[1].text_input("Class list file (optional)", key="add_classes")
+            dataset = c[0].selectbox("Dataset its classes come from", ["", "ndsb", "zoolake"], key="add_dataset")
+            size = c[1].number_input("Input size (px)", 16, 1024, 224, key="add_size")
+            submitted = st.form_submit_button("Add model")
+        if submitted:
+            try:
+                src = under_allowed_root(path)
+                cls = str(under_allowed_root(classes)) if classes.strip() else None
+                man = add_model(src, name.strip(), arch=arch.strip() or None, classes=cls, dataset=dataset or None,
+                                size=int(size), command=f"python -m models add {src} --name {name.strip()}")
+            except (PathNotAllowed, ModelImportError) as e:
+                st.error(str(e))
+            else:
+                zoo_table.clear()
+                st.success(f"Added {man['name']}: it is in the model picker of every page.")
+
+
+_add_model_form()
 
 st.subheader("Datasets")
 sources = get_sources()

@@ -19,8 +19,8 @@ from data.sources import DatasetNotFound
 from explain.embeddings import compute_embeddings
 from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
 from explain.projection import gallery_map_rows, map_cached, map_frame, place, placed_frame, quick_place
-from pages.common import (dataset_embeddings, gallery, get_sources, logit_scores, model_with_dataset,
 from models.handle import open_model
+from pages.common import (dataset_embeddings, gallery, get_sources, logit_scores, model_with_dataset,
                           run_with_progress, size_choice, thumbnail)
 
 log = logging.getLogger("plankton_lens.neighbourhoods")
