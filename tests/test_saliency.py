@@ -397,6 +397,10 @@ def test_a_registered_method_is_offered_and_dispatched(zoo_model, images):
         model(xg)[lvl][0, t].backward()
         np.testing.assert_allclose(got, (xg.grad * x)[0].sum(0).numpy(), rtol=1e-4, atol=1e-7)
         assert is_signed("test_input_x_gradient") and not is_signed("test_layer_mean")
+        from explain import saliency  # the legacy names follow the registry
+
+        assert saliency.METHODS == {m.name: m.label for m in list_methods()} and "test_layer_mean" in saliency.METHODS
+        assert saliency.NATURALLY_SIGNED == {"integrated_gradients", "occlusion", "test_input_x_gradient"}
         a, delta = attribute(model, x, lvl, None, "test_layer_mean", return_delta=True)
         assert a.shape == (64, 64) and (a >= 0).all() and delta == 0.0
     finally:
