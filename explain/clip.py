@@ -6,7 +6,8 @@
 * :func:`contrast_prompts` — "why A rather than B": the image's score gap between the two
   classes split exactly into one contribution per prompt of A and of B.
 * :func:`prompt_score`, :func:`prompt_saliency` — any typed prompt's score and a Captum map of
-  the image for it (the image tower against the prompt's text embedding).
+  the image for it (the image tower against the prompt's text embedding), by any method of
+  the saliency registry (``explain.saliency.available_methods(pc)``: those that work for its tower).
 * :class:`AnomalyScorer` — maximum concept matching (Ming et al. 2022) on the known classes'
   prompts plus the kNN distance to known images (Sun et al. 2022), z-scored on validation images.
 
@@ -50,7 +51,6 @@ DEFAULT_CLIP = "ndsb-clip"
 KS = (1, 2, 5, 10)
 KNN_K = 10
 MAX_PROMPT_CHARS = 300
-SALIENCY_METHODS = {"integrated_gradients": "Integrated Gradients", "gradcam": "GradCAM"}
 #: Targets of issue 7 (fractions).
 TARGETS = {"zero_shot_heldout_top1": 0.50, "parent_accuracy": 0.85, "auroc_chimeras": 0.98, "auroc_natural": 0.98}
 _LOCK = threading.RLock()
@@ -184,28 +184,23 @@ class _PromptSimilarity(torch.nn.Module):
 
 
 def prompt_saliency(pc: PlanktonClip, image: np.ndarray, text: str, method: str = "integrated_gradients",
-                    n_steps: int = 32) -> np.ndarray:
-    """(S, S) map of where the image supports the prompt: Captum Integrated Gradients (baseline
-    = empty background; signed) or GradCAM on the last convolutional stage (unsigned)."""
-    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+                    n_steps: int = 32, signed: bool | None = None) -> np.ndarray:
+    """(S, S) map of where the image supports the prompt by any registered saliency method
+    (:mod:`explain.saliency`), applied to the image tower's cosine similarity to the prompt's
+    text embedding: e.g. Integrated Gradients (baseline = empty background; signed) or GradCAM
+    on the last convolutional stage (unsigned). ``signed`` as in :func:`explain.saliency.attribute`.
+    KeyError for an unknown method, NotImplementedError for a layer method on a tower without
+    a convolutional stage."""
+    from .saliency import attribute_forward, get_method
 
-    if method not in SALIENCY_METHODS:
-        raise KeyError(f"unknown method {method!r}; choose one of {list(SALIENCY_METHODS)}")
+    m = get_method(method)
     t = check_prompt(text)
     pc.eval()
     fwd = _PromptSimilarity(pc, pc.encode_text([t])[0].detach())
-    x = _tensor(image)
-    with _LOCK, torch.enable_grad():
-        if method == "integrated_gradients":
-            attr = IntegratedGradients(fwd).attribute(x, baselines=torch.zeros_like(x), n_steps=n_steps,
-                                                      internal_batch_size=n_steps)
-        else:
-            layer = pc.gradcam_layer
-            if layer is None:
-                raise KeyError("GradCAM needs a convolutional image tower; use integrated_gradients")
-            cam = LayerGradCam(fwd, layer).attribute(x.requires_grad_(True))
-            attr = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear").clamp(min=0)
-    return attr.detach()[0].sum(0).float().numpy()
+    with _LOCK:
+        out, _ = attribute_forward(fwd, _tensor(image), m.name, None, layer=pc.gradcam_layer if m.needs_layer else None,
+                                   signed=signed, n_steps=n_steps)
+    return out
 
 
 # --- zero-shot --------------------------------------------------------------------------------

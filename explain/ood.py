@@ -8,6 +8,10 @@ distance to the k-th nearest training image (Sun et al. 2022, FAISS via
 :mod:`explain.neighbours`) and the Mahalanobis distance to the closest class mean under a
 shared covariance (Lee et al. 2018).
 
+Every score is one :class:`OODScore` entry, added with :func:`register_score` in this file: its
+id, label, what it ``reads`` ("logits" or "features") and its function. The pages, the benchmark
+and the tests iterate :func:`list_scores`, so adding a score is one registered function.
+
 Metrics treat OOD images as positives for AUROC and AUPR. FPR95 follows the usual convention
 (Hendrycks et al. 2019; Sun et al. 2022): the threshold keeps 95 % of in-distribution images
 (TPR), and FPR is the share of OOD images that it keeps too.
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,18 +31,79 @@ import numpy as np
 CONFIG_PATH = Path(__file__).resolve().parent.parent / "models" / "ood_config.json"
 CONFIG: dict = json.loads(CONFIG_PATH.read_text())
 
-LOGIT_SCORES = ("msp", "max_logit", "entropy", "energy", "gen")
-FEATURE_SCORES = ("knn", "mahalanobis")
-SCORES = LOGIT_SCORES + FEATURE_SCORES
-SCORE_LABELS = {
-    "msp": "1 − maximum softmax probability",
-    "max_logit": "− maximum logit",
-    "entropy": "normalised entropy",
-    "energy": "energy (− logsumexp)",
-    "gen": "generalised entropy (GEN)",
-    "knn": "kNN distance (embedding)",
-    "mahalanobis": "Mahalanobis distance (embedding)",
-}
+#: ``reads`` values: a logit score maps one level's logits (N, K) to (N,); a feature score is
+#: fitted on training embeddings and labels and returns the scorer of embeddings (N, D) → (N,).
+READS = ("logits", "features")
+LogitFn = Callable[[np.ndarray], np.ndarray]
+FeatureFn = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+@dataclass(frozen=True)
+class OODScore:
+    """One registered OOD score (higher = more anomalous)."""
+
+    name: str  #: id, as the pages, the benchmark and docs/results.md key it
+    label: str  #: shown to users
+    reads: str  #: "logits" or "features"
+    fn: Callable  #: a LogitFn (reads logits) or a FeatureFn (reads features)
+
+
+_SCORES: dict[str, OODScore] = {}
+
+
+def register_score(name: str, label: str, reads: str) -> Callable[[Callable], Callable]:
+    """Decorator that registers ``fn`` as the OOD score ``name`` reading ``reads`` (see :data:`READS`)."""
+    if reads not in READS:
+        raise ValueError(f"reads must be one of {READS}, not {reads!r}")
+
+    def deco(fn: Callable) -> Callable:
+        if name in _SCORES:
+            raise ValueError(f"OOD score {name!r} is already registered")
+        _SCORES[name] = OODScore(name, label, reads, fn)
+        return fn
+    return deco
+
+
+def unregister_score(name: str) -> OODScore:
+    """Remove a registered score (e.g. a test's or a plugin's) and return its entry."""
+    return _SCORES.pop(name)
+
+
+def list_scores(reads: str | None = None) -> list[OODScore]:
+    """The registered scores in registration order (logit scores first), optionally only those reading ``reads``."""
+    return [s for s in _SCORES.values() if reads is None or s.reads == reads]
+
+
+def score_names(reads: str | None = None) -> tuple[str, ...]:
+    """Ids of :func:`list_scores`."""
+    return tuple(s.name for s in list_scores(reads))
+
+
+def get_score(name: str) -> OODScore:
+    """The entry of score ``name``; KeyError naming the known ones otherwise."""
+    try:
+        return _SCORES[name]
+    except KeyError:
+        raise KeyError(f"unknown score {name!r}; known: {tuple(_SCORES)}") from None
+
+
+def is_logit_score(name: str) -> bool:
+    """Whether ``name`` is a registered score that reads logits."""
+    return name in _SCORES and _SCORES[name].reads == "logits"
+
+
+def __getattr__(name: str):
+    """Legacy names, derived from the registry on every access: ``LOGIT_SCORES``,
+    ``FEATURE_SCORES``, ``SCORES`` (ids) and ``SCORE_LABELS`` (id → label)."""
+    if name == "LOGIT_SCORES":
+        return score_names("logits")
+    if name == "FEATURE_SCORES":
+        return score_names("features")
+    if name == "SCORES":
+        return score_names()
+    if name == "SCORE_LABELS":
+        return {s.name: s.label for s in _SCORES.values()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- logit scores ------------------------------------------------------------------------------
@@ -49,16 +115,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
+@register_score("msp", "1 − maximum softmax probability", "logits")
 def msp(logits: np.ndarray) -> np.ndarray:
     """1 − maximum softmax probability, in [0, 1 − 1/K]."""
     return 1.0 - softmax(logits).max(-1)
 
 
+@register_score("max_logit", "− maximum logit", "logits")
 def max_logit(logits: np.ndarray) -> np.ndarray:
     """Negative maximum logit."""
     return -np.asarray(logits, dtype=np.float64).max(-1)
 
 
+@register_score("entropy", "normalised entropy", "logits")
 def entropy(logits: np.ndarray) -> np.ndarray:
     """Shannon entropy of the softmax divided by log K, in [0, 1]."""
     p = softmax(logits)
@@ -67,6 +136,7 @@ def entropy(logits: np.ndarray) -> np.ndarray:
     return h / np.log(k) if k > 1 else np.zeros(p.shape[:-1])
 
 
+@register_score("energy", "energy (− logsumexp)", "logits")
 def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Free energy −T·logsumexp(z / T)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
@@ -75,6 +145,7 @@ def energy(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return -temperature * (m + np.log(np.exp(z - m[..., None]).sum(-1)))
 
 
+@register_score("gen", "generalised entropy (GEN)", "logits")
 def gen(logits: np.ndarray, gamma: float | None = None, top_m: int | None = None) -> np.ndarray:
     """Generalised entropy Σ_{top M} p^γ (1 − p)^γ over the M largest probabilities."""
     gamma = CONFIG["gen_gamma"] if gamma is None else gamma
@@ -83,14 +154,21 @@ def gen(logits: np.ndarray, gamma: float | None = None, top_m: int | None = None
     return (p**gamma * (1 - p) ** gamma).sum(-1)
 
 
-LOGIT_FUNCS = {"msp": msp, "max_logit": max_logit, "entropy": entropy, "energy": energy, "gen": gen}
-
-
 def logit_score(logits: np.ndarray, name: str) -> np.ndarray:
-    """One of :data:`LOGIT_SCORES` for logits (N, K) → (N,) float64, higher = more anomalous."""
-    if name not in LOGIT_FUNCS:
-        raise KeyError(f"unknown logit score {name!r}; known: {LOGIT_SCORES}")
-    return LOGIT_FUNCS[name](np.atleast_2d(logits))
+    """The registered logit score ``name`` for logits (N, K) → (N,) float64, higher = more anomalous."""
+    if not is_logit_score(name):
+        raise KeyError(f"unknown logit score {name!r}; known: {score_names('logits')}")
+    return np.asarray(_SCORES[name].fn(np.atleast_2d(logits)), dtype=np.float64)
+
+
+def feature_scorer(name: str, train_embeddings: np.ndarray, train_labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The registered feature score ``name`` fitted on training embeddings (M, D) and their leaf
+    labels (M,): a function of embeddings (N, D) → (N,) float64, higher = more anomalous."""
+    s = get_score(name)
+    if s.reads != "features":
+        raise KeyError(f"{name!r} is not a feature score; known: {score_names('features')}")
+    fitted = s.fn(np.asarray(train_embeddings), np.asarray(train_labels))
+    return lambda emb: np.asarray(fitted(np.asarray(emb)), dtype=np.float64)
 
 
 def is_log_probability(logits: np.ndarray, tol: float = 1e-3) -> bool:
@@ -139,6 +217,21 @@ def knn_scores(train_embeddings: np.ndarray, query_embeddings: np.ndarray, k: in
 
     index = build_index(normalise(train_embeddings))
     return knn_score(index, query_embeddings, KNN_K if k is None else k).astype(np.float64)
+
+
+@register_score("knn", "kNN distance (embedding)", "features")
+def _knn(train_embeddings: np.ndarray, train_labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """kNN score fitted on the training embeddings (labels unused): the k-th nearest distance."""
+    from .neighbours import KNN_K, build_index, knn_score, normalise
+
+    index = build_index(normalise(train_embeddings))
+    return lambda emb: knn_score(index, emb, KNN_K).astype(np.float64)
+
+
+@register_score("mahalanobis", "Mahalanobis distance (embedding)", "features")
+def _mahalanobis(train_embeddings: np.ndarray, train_labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Mahalanobis score fitted on the training embeddings and labels."""
+    return fit_mahalanobis(train_embeddings, train_labels).score
 
 
 # --- metrics ----------------------------------------------------------------------------------

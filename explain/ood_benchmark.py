@@ -32,10 +32,10 @@ from data.paths import cache_dir, writer_temp
 from data.sources import open_source
 from models.base import HierarchicalClassifier, images_to_tensor
 from models.outliers import adversarial, chimeras, corruptions
+from models.handle import open_model
 from models.report import publish, write_results_section
 
-from .ood import CONFIG, LOGIT_SCORES, SCORES, fit_mahalanobis, logit_score, ood_metrics
-from models.handle import open_model
+from .ood import CONFIG, feature_scorer, get_score, is_logit_score, logit_score, ood_metrics, score_names
 
 CACHE_VERSION = 1
 REPO = Path(__file__).resolve().parent.parent
@@ -85,21 +85,14 @@ class Evaluation:
     def scores(self, score: str, level: str | None = None) -> dict[str, np.ndarray]:
         """``{set name: scores}`` for a logit score at ``level`` (default: leaf) or a feature score."""
         level = level or self.levels[-1]
-        key = (score, level if score in LOGIT_SCORES else None)
+        is_logit = get_score(score).reads == "logits"  # KeyError for an unknown score
+        key = (score, level if is_logit else None)
         if key not in self._cache:
-            if score in LOGIT_SCORES:
+            if is_logit:
                 self._cache[key] = {n: logit_score(s.logits[level], score) if len(s) else np.zeros(0) for n, s in self.sets.items()}
-            elif score == "knn":
-                from .neighbours import KNN_K, build_index, knn_score, normalise
-
-                index = build_index(normalise(self.fit_embeddings))
-                self._cache[key] = {n: knn_score(index, s.embeddings, KNN_K).astype(np.float64) if len(s) else np.zeros(0)
-                                    for n, s in self.sets.items()}
-            elif score == "mahalanobis":
-                maha = fit_mahalanobis(self.fit_embeddings, self.fit_labels)
-                self._cache[key] = {n: maha.score(s.embeddings) if len(s) else np.zeros(0) for n, s in self.sets.items()}
             else:
-                raise KeyError(f"unknown score {score!r}; known: {SCORES}")
+                f = feature_scorer(score, self.fit_embeddings, self.fit_labels)
+                self._cache[key] = {n: f(s.embeddings) if len(s) else np.zeros(0) for n, s in self.sets.items()}
         return self._cache[key]
 
 
@@ -343,7 +336,7 @@ def known_group_unknown(ev: Evaluation, score: str, tpr: float | None = None) ->
     from .ood import known_group_unknown_class, threshold_at_tpr
 
     grp, leaf = group_level(ev), ev.levels[-1]
-    if grp is None or score not in LOGIT_SCORES:
+    if grp is None or not is_logit_score(score):
         return {}
     sg, sl = ev.scores(score, grp), ev.scores(score, leaf)
     idn = ev.set_of("id")[0]
@@ -364,7 +357,7 @@ def leave_class_out(ev: Evaluation) -> tuple[dict, dict]:
     classes = sorted(held.rows["class"].unique())
     masks = {c: (held.rows["class"] == c).to_numpy() for c in classes}
     table, per_level = {}, {}
-    for score in SCORES:
+    for score in score_names():
         s = ev.scores(score)
         ms = {c: ood_metrics(s[idn], s["held-out classes"][m]) for c, m in masks.items()}
         table[score] = {"auroc_mean": _r(np.mean([m["auroc"] for m in ms.values()])),
@@ -373,7 +366,7 @@ def leave_class_out(ev: Evaluation) -> tuple[dict, dict]:
                         "per_class": {c: _r(m["auroc"]) for c, m in ms.items()}}
     for lvl in ev.levels:
         per_level[lvl] = {}
-        for score in LOGIT_SCORES:
+        for score in score_names("logits"):
             s = ev.scores(score, lvl)
             per_level[lvl][score] = _r(np.mean([ood_metrics(s[idn], s["held-out classes"][m])["auroc"] for m in masks.values()]))
     return table, per_level
@@ -385,7 +378,7 @@ def cross_dataset(ev: Evaluation) -> dict:
     if not other:
         return {}
     out = {}
-    for score in SCORES:
+    for score in score_names():
         s = ev.scores(score)
         m = ood_metrics(s[idn], s[other[0]])
         out[score] = {"auroc": _r(m["auroc"]), "fpr95": _r(m["fpr95"]), "aupr": _r(m["aupr"])}
@@ -419,11 +412,11 @@ def targets(result: dict) -> dict:
         return max(((n, s, lco[n][s]["auroc_mean"]) for n in models for s in scores), key=lambda t: t[2])
 
     if oe:
-        m, s, auc = best(oe, LOGIT_SCORES)
+        m, s, auc = best(oe, score_names("logits"))
         out.update({"flat_logit_model": m, "flat_logit_best_score": s, "flat_logit_auroc_mean": auc,
                     "flat_logit_auroc_ge_0.95": auc >= 0.95})
     if base:
-        b, s, auc = best(base, SCORES)
+        b, s, auc = best(base, score_names())
         out.update({"baseline_model": b, "baseline_best_score": s, "baseline_best_auroc_mean": auc})
         if oe:
             m = out["flat_logit_model"]
@@ -482,6 +475,7 @@ def _pct(x: float) -> str:
 
 def results_markdown(result: dict) -> str:
     """The benchmark as a Markdown section (between markers, so it can be replaced in place)."""
+    score_ids, logit_names = score_names(), score_names("logits")  # the registry's, in its order
     lines = ["## Out-of-distribution detection (issue 5)", "",
              "Reproduce: `python -m explain.ood benchmark --json` (evaluation only, from the zoo's checkpoints). "
              "Scores: higher = more anomalous; logit scores on the leaf level. AUROC and FPR95 in %; FPR95 is the share "
@@ -505,20 +499,20 @@ def results_markdown(result: dict) -> str:
                   "test split; FPR95 likewise.", "",
                   "| score | " + " | ".join(f"{n} AUROC | {n} FPR95" for n in names) + " |",
                   "|---|" + "---|---|" * len(names)]
-        for s in SCORES:
+        for s in score_ids:
             lines.append(f"| {s} | " + " | ".join(f"{_pct(lco[n][s]['auroc_mean'])} | {_pct(lco[n][s]['fpr95_mean'])}" for n in names) + " |")
         lines += ["", "Per held-out class, AUROC of each model's best score:", ""]
-        best = {n: max(SCORES, key=lambda s: lco[n][s]["auroc_mean"]) for n in names}
+        best = {n: max(score_ids, key=lambda s: lco[n][s]["auroc_mean"]) for n in names}
         lines += ["| class | " + " | ".join(f"{n} ({best[n]})" for n in names) + " |", "|---|" + "---|" * len(names)]
-        for c in lco[names[0]][SCORES[0]]["per_class"]:
+        for c in lco[names[0]][score_ids[0]]["per_class"]:
             lines.append(f"| {c} | " + " | ".join(_pct(lco[n][best[n]]["per_class"].get(c, float('nan'))) for n in names) + " |")
         pl = result.get("per_level", {})
         if pl:
             lines += ["", "Mean AUROC per taxonomic level (logit scores):", ""]
             for n in names:
-                lines += [f"{n}:", "", "| level | " + " | ".join(LOGIT_SCORES) + " |", "|---|" + "---|" * len(LOGIT_SCORES)]
+                lines += [f"{n}:", "", "| level | " + " | ".join(logit_names) + " |", "|---|" + "---|" * len(logit_names)]
                 for lvl, v in pl[n].items():
-                    lines.append(f"| {lvl} | " + " | ".join(_pct(v[s]) for s in LOGIT_SCORES) + " |")
+                    lines.append(f"| {lvl} | " + " | ".join(_pct(v[s]) for s in logit_names) + " |")
                 lines.append("")
     kg = result.get("known_group_unknown_class", {})
     if kg:
@@ -538,7 +532,7 @@ def results_markdown(result: dict) -> str:
         lines += [f"Other-instrument images ({', '.join(f'{k}: {sizes[n0][k]:,}' for k in other)}, a deterministic sample of at most "
                   f"{CONFIG['other_per_class']} per class) against each model's in-distribution test split: AUROC / FPR95 in %.", "",
                   "| score | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for s in SCORES:
+        for s in score_ids:
             lines.append(f"| {s} | " + " | ".join(f"{_pct(cd[n][s]['auroc'])} / {_pct(cd[n][s]['fpr95'])}" for n in names) + " |")
         lines.append("")
     t = result.get("targets", {})

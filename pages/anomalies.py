@@ -20,7 +20,7 @@ from plotly.subplots import make_subplots
 
 from data.decode import ImageDecodeError
 from data.sources import DatasetNotFound
-from explain.ood import CONFIG, LOGIT_SCORES, SCORE_LABELS, SCORES, auroc, fpr_at_tpr, is_log_probability, rates_at, threshold_at_tpr
+from explain.ood import CONFIG, auroc, fpr_at_tpr, is_log_probability, list_scores, rates_at, threshold_at_tpr
 from explain.ood_benchmark import (Evaluation, display_image, evaluation, group_level, is_evaluated, known_group_unknown,
                                    most_anomalous, typical_index)
 from models.checkpoint import CheckpointError
@@ -140,10 +140,15 @@ colours = _colours(ev)
 leaf = ev.levels[-1]
 
 c1, c2, c3 = st.columns([1.2, 1, 1.4])
-score = c1.selectbox("Score", SCORES, format_func=lambda s: SCORE_LABELS[s], key="ood_score",
-                     help="Logit scores measure how flat one level's logits are; kNN and Mahalanobis measure how far the "
-                          "image's embedding lies from the training images.")
-is_logit = score in LOGIT_SCORES
+scores = {e.name: e for e in list_scores()}
+if st.session_state.get("ood_score") not in scores:
+    st.session_state.pop("ood_score", None)
+score = c1.selectbox("Score", list(scores), format_func=lambda s: scores[s].label, key="ood_score",
+                     help="Logit scores measure how flat one level's logits are; feature scores ("
+                          + ", ".join(e.label for e in scores.values() if e.reads == "features")
+                          + ") measure how far the image's embedding lies from the training images.")
+score_label = scores[score].label
+is_logit = scores[score].reads == "logits"
 level = c2.selectbox("Level", list(ev.levels), index=len(ev.levels) - 1, key="ood_level", disabled=not is_logit,
                      help="Taxonomic level whose logits are scored (feature scores do not depend on it).")
 level = level if is_logit else leaf
@@ -164,7 +169,7 @@ if is_logit and score in ("max_logit", "energy") and is_log_probability(ev.sets[
 try:
     s = ev.scores(score, level)
 except (ValueError, np.linalg.LinAlgError) as e:
-    st.error(f"The {SCORE_LABELS[score]} score cannot be computed for this model: {e}")
+    st.error(f"The {score_label} score cannot be computed for this model: {e}")
     st.stop()
 id_s, ref_s = s[id_name], s[ref]
 thr95 = threshold_at_tpr(id_s)
@@ -200,7 +205,7 @@ fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="thres
 fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
               annotation_position="top right")
 fig.update_layout(barmode="overlay", height=380, margin=dict(t=30, l=10, r=10, b=10),
-                  xaxis_title=f"{SCORE_LABELS[score]}" + (f" · {level}" if is_logit else ""), yaxis_title="density",
+                  xaxis_title=f"{score_label}" + (f" · {level}" if is_logit else ""), yaxis_title="density",
                   legend=dict(orientation="h", y=-0.25))
 st.plotly_chart(fig, key="ood_hist")
 st.caption(f"Values outside the 0.5–99.5 % range ({lo:.3g} … {hi:.3g}) are drawn at its edges. "
@@ -236,7 +241,7 @@ for col, (title, set_name, i, z) in zip(cols, [("Typical in-distribution image",
         if img is not None:
             a.image(img, width=160)
         row = ev.sets[set_name].rows.iloc[i]
-        b.markdown(f"**{title}**  \n{set_name} · class `{row['class']}`  \n{SCORE_LABELS[score]}: **{float(s[set_name][i]):.4g}**"
+        b.markdown(f"**{title}**  \n{set_name} · class `{row['class']}`  \n{score_label}: **{float(s[set_name][i]):.4g}**"
                    + (f" ({'flagged' if s[set_name][i] > thr else 'kept'})"))
         if title.startswith("Typical"):
             b.caption("The correctly classified test image with the median score: a usual activation.")

@@ -20,7 +20,7 @@ from data.manifest import decoded_array
 from explain import export
 from explain.faithfulness import randomisation_check
 from explain.predict import Prediction, ground_truth_path, predict
-from explain.saliency import METHODS, is_signed
+from explain.saliency import available_methods, get_method, is_signed, list_methods, target_layer
 from models.base import images_to_tensor
 from models.train import predict_arrays
 from models.handle import open_model
@@ -321,27 +321,22 @@ def _sanity(model, mkey: str, img: Loaded, x, level: str, target: str, method: s
             + ("it depends on the learned weights." if abs(first) < 0.5 else "it changes little — treat it with care."))
 
 
-def _has_gradcam(model) -> bool:
-    """Whether the model has a convolutional block for GradCAM (a CLIP with a ViT tower has none)."""
-    try:
-        return model.gradcam_layer is not None
-    except NotImplementedError:
-        return False
-
-
 def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict, truth_path: dict | None) -> None:
     st.subheader("Why? Saliency maps")
-    has_cam = _has_gradcam(model)
-    methods = [m for m in METHODS if m != "gradcam" or has_cam]
+    has_cam = target_layer(model) is not None  # a CLIP with a ViT tower has no convolutional block
+    methods = [m.name for m in available_methods(model)]
+    dropped = [m.label for m in list_methods() if m.name not in methods]
     if st.session_state.get("method") not in methods:
         st.session_state.pop("method", None)
     c = st.columns([2.7, 1.5, 2, 2])
     level = c[0].radio("Level", list(model.levels), index=len(model.levels) - 1, horizontal=True, key="level")
-    method = c[1].selectbox("Method", methods, index=methods.index(DEFAULT_METHOD), format_func=METHODS.get,
+    method = c[1].selectbox("Method", methods, index=methods.index(DEFAULT_METHOD), format_func=lambda n: get_method(n).label,
                             key="method", help="GradCAM is instant; Integrated Gradients is finer-grained (~0.2 s per level)."
-                            + ("" if has_cam else " GradCAM is not offered: this model's image tower has no convolutional layer."))
-    if not has_cam:
-        c[1].caption("No GradCAM: this model's image tower has no convolutional layer.")
+                            + (f" Not offered: {', '.join(dropped)} (this model's image tower has no convolutional layer)."
+                               if dropped else ""))
+    if dropped:
+        c[1].caption(f"No {', '.join(dropped)}: this model's image tower has no convolutional layer.")
+    label = get_method(method).label
     order = list(np.argsort(-pred.probs[level]))
     names = model.class_names[level]
     opts = [names[i] for i in order]
@@ -354,14 +349,15 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
     alpha = c2[0].slider("Overlay opacity", 0.0, 1.0, 0.6, 0.05, key="alpha")
     cmap = c2[1].selectbox("Colormap", export.SEQUENTIAL_CMAPS, key="cmap", help="Colour-blind-safe colormaps.")
     signed = c2[2].toggle("Signed map", value=is_signed(method), key=f"signed_{method}",
-                          help="Red = evidence for the class, blue = against. Integrated Gradients and Occlusion are "
-                               "signed by nature; Saliency, SmoothGrad and GradCAM are usually shown as magnitudes.")
-    with st.spinner(f"Computing {METHODS[method]}…"):
+                          help="Red = evidence for the class, blue = against. "
+                               + ", ".join(m.label for m in list_methods() if m.signed) + " are signed by nature; "
+                               + ", ".join(m.label for m in list_methods() if not m.signed) + " are usually shown as magnitudes.")
+    with st.spinner(f"Computing {label}…"):
         amap, delta = _attr(mkey, img.key, level, target, method, signed, model, x)
-        shown, shown_signed, title = amap, is_signed(method, signed), f"{METHODS[method]} · {level}: {target}"
+        shown, shown_signed, title = amap, is_signed(method, signed), f"{label} · {level}: {target}"
         if other != "—":
             shown = _contrast(mkey, img.key, level, target, other, method, model, x)
-            shown_signed, title = True, f"{METHODS[method]} · {level}: {target} rather than {other}"
+            shown_signed, title = True, f"{label} · {level}: {target} rather than {other}"
         grid_targets = {lvl: (target if lvl == level else pred.path[lvl]) for lvl in model.levels}
         refs = _references(mkey, img.key, tuple(grid_targets.items()), model, x)
         faith = _faith(mkey, img.key, level, target, _key(shown.astype(np.float32)), refs[level], model, x, shown)
@@ -376,7 +372,7 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
         st.plotly_chart(_curve_fig(faith), width="stretch", key="curves", config={"displayModeBar": False})
         if delta is not None:
             total = abs(float(amap.sum())) or 1.0
-            st.caption(f"Integrated Gradients completeness gap (|Σ attributions − logit change|): {delta:.3f}, "
+            st.caption(f"{label} completeness gap (|Σ attributions − logit change|): {delta:.3f}, "
                        f"{delta / total:.1%} of Σ attributions (shrinks with more steps).")
     with st.expander("Sanity check: does the map depend on what the model learned? (Adebayo et al. 2018)"):
         if has_cam:
@@ -385,7 +381,7 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
             st.info("The model-randomisation check randomises the layers after the last convolutional block; "
                     "this model's image tower has none, so the check is not available for it.")
 
-    st.subheader(f"{METHODS[method]} at every level")
+    st.subheader(f"{label} at every level")
     gcols = st.columns(len(model.levels))
     grid = []
     for col, lvl in zip(gcols, model.levels):

@@ -18,6 +18,7 @@ from data.decode import ImageDecodeError, load_for_model
 from data.manifest import decoded_array
 from explain import clip as xc
 from explain.export import overlay
+from explain.saliency import available_methods, is_signed, list_methods
 from models.checkpoint import CheckpointError
 from models.handle import open_model
 from models.zoo import list_models
@@ -208,21 +209,27 @@ def _prompt_section(pc, img: Picked, mkey: str) -> None:
     c[2].metric("percentile", f"{res['percentile']:.0f}")
     if res["truncated"]:
         st.warning(f"The prompt has {res['tokens']} tokens; the model reads only the first {res['context_length']}.")
-    method = st.radio("Saliency method", list(xc.SALIENCY_METHODS), format_func=xc.SALIENCY_METHODS.get,
-                      horizontal=True, key="clip_sal_method")
+    methods = {m.name: m for m in available_methods(pc)}
+    if st.session_state.get("clip_sal_method") not in methods:
+        st.session_state.pop("clip_sal_method", None)
+    dropped = [m.label for m in list_methods() if m.name not in methods]
+    method = st.radio("Saliency method", list(methods), format_func=lambda n: methods[n].label, horizontal=True,
+                      key="clip_sal_method", help="The Classify page's saliency methods, applied to the image tower's "
+                      "similarity to the prompt." + (f" Not offered (this image tower has no convolutional layer): "
+                                                     f"{', '.join(dropped)}." if dropped else ""))
     try:
         sal = _saliency(mkey, img.key, res["prompt"], method, pc, img.fg)
-    except KeyError as e:
+    except (KeyError, NotImplementedError) as e:
         st.info(str(e).strip("'\""))
         return
-    signed = method == "integrated_gradients"
+    signed = is_signed(method)
+    label = methods[method].label
     c1, c2 = st.columns(2)
     c1.image(img.display, caption="image", width="stretch")
-    c2.image(overlay(img.display, sal, alpha=0.7, signed=signed), caption=f"{xc.SALIENCY_METHODS[method]} for “{res['prompt']}”",
+    c2.image(overlay(img.display, sal, alpha=0.7, signed=signed), caption=f"{label} for “{res['prompt']}”",
              width="stretch")
-    st.caption("Red: pixels that raise the image's similarity to the prompt; blue: pixels that lower it "
-               "(Integrated Gradients from an empty background)." if signed else
-               "Bright: regions of the last convolutional stage that raise the similarity to the prompt (GradCAM).")
+    st.caption(f"Red: pixels that raise the image's similarity to the prompt; blue: pixels that lower it ({label})." if signed
+               else f"Bright: regions that matter most for the image's similarity to the prompt ({label}).")
 
 
 def _model_section(man: dict) -> None:

@@ -359,8 +359,8 @@ def logit_scores(model_name: str, sha: str, limit: int | None, dataset: str) -> 
     except ImportError:
         return {}
     o = split_outputs(model_name, dataset, None, limit_per_class=limit)
-    return {f"{ood.SCORE_LABELS.get(name, name)} ({lvl})": ood.logit_score(z, name).astype(np.float32)
-            for name in ("msp", "entropy", "energy") for lvl, z in o.logits.items()}
+    return {f"{e.label} ({lvl})": ood.logit_score(z, e.name).astype(np.float32)
+            for e in ood.list_scores("logits") for lvl, z in o.logits.items()}
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)

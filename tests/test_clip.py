@@ -461,7 +461,7 @@ def test_zoo_loads_a_clip_entry_as_a_classifier(tiny, images, tmp_path, monkeypa
     per-level probabilities are distributions that agree with the taxonomy."""
     import shutil
 
-    from explain.saliency import METHODS, attribute
+    from explain.saliency import attribute, list_methods
     from models.checkpoint import CheckpointError
     from models.clip_model import ClipClassifier
     from models.train import predict_arrays
@@ -487,7 +487,7 @@ def test_zoo_loads_a_clip_entry_as_a_classifier(tiny, images, tmp_path, monkeypa
     assert (sims.argmax(1) == leaf.argmax(1)).mean() >= 0.95
     # Every saliency method of the explain page runs on it, GradCAM on the image tower's last stage.
     x = torch.from_numpy(images[1][:1]).float().div(255).unsqueeze(1)
-    for method in METHODS:
+    for method in [e.name for e in list_methods()]:
         m = attribute(model, x, "class", None, method)
         assert m.shape == (64, 64) and np.isfinite(m).all() and np.abs(m).sum() > 0, method
     # sha256-verified like any zoo model: a damaged copy earlier in the search path is refused.
@@ -549,6 +549,14 @@ def test_prompt_saliency_integrated_gradients_is_complete(tiny, images):
     assert abs(m.sum() - diff) <= 0.1 * abs(diff) + 2e-3
     cam = prompt_saliency(pc, img, text, "gradcam")
     assert cam.shape == (64, 64) and (cam >= 0).all()
+    # Every registered method works through the similarity module (the tiny tower is convolutional).
+    from explain.saliency import available_methods, list_methods
+
+    assert [e.name for e in available_methods(pc)] == [e.name for e in list_methods()]
+    for e in list_methods():
+        s = prompt_saliency(pc, img, text, e.name, n_steps=8)
+        assert s.shape == (64, 64) and np.isfinite(s).all() and np.abs(s).sum() > 0, e.name
+        assert e.signed or (s >= 0).all(), e.name
     with pytest.raises(KeyError):
         prompt_saliency(pc, img, text, "nope")
 

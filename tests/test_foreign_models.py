@@ -180,7 +180,7 @@ def test_every_page_renders_with_the_imported_model(byo, name, tmp_path, monkeyp
     assert all(any(c.startswith(f"{lvl}: ") for c in captions) for lvl in ("living", "group", "subgroup", "class")), captions
     methods = at.selectbox(key="method").options
     if name == "byo-traced":
-        assert "GradCAM" not in methods
+        assert "gradcam" not in methods
     else:
         at.selectbox(key="method").set_value("gradcam").run()
         assert not at.exception, [e.value for e in at.exception]

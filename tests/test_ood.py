@@ -14,9 +14,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from explain.ood import (LOGIT_SCORES, SCORES, auroc, aupr, energy, entropy, fit_mahalanobis, fpr_at_tpr, gen,
+from explain.ood import (auroc, aupr, energy, entropy, fit_mahalanobis, fpr_at_tpr, gen,
                          is_log_probability, known_group_unknown_class, knn_scores, logit_score, msp, ood_metrics,
-                         rates_at, threshold_at_tpr)
+                         rates_at, score_names, threshold_at_tpr)
 from models.outlier_exposure import OE_KINDS, flat_logit_loss, frozen_norm, make_oe_term
 from models.outliers import CORRUPTIONS, adversarial, chimeras, corrupt, corruptions, hierarchical_ce, partners
 
@@ -31,7 +31,7 @@ def _peaked_and_flat(k: int = 10) -> np.ndarray:
     return np.stack([peaked, flat])
 
 
-@pytest.mark.parametrize("score", LOGIT_SCORES)
+@pytest.mark.parametrize("score", score_names("logits"))
 def test_peaked_less_anomalous_than_flat(score):
     s = logit_score(_peaked_and_flat(), score)
     assert s.shape == (2,) and np.isfinite(s).all()
@@ -80,6 +80,74 @@ def test_knn_score_uses_kth_neighbour():
     tn = train / np.linalg.norm(train, axis=1, keepdims=True)
     d = np.sort(np.linalg.norm(tn[None] - q[:, None] / np.linalg.norm(q, axis=1)[:, None, None], axis=2), axis=1)[:, 1]
     assert s == pytest.approx(d, abs=1e-5) and s[1] > s[0]
+
+
+# --- the score registry ------------------------------------------------------------------------
+def test_every_registered_score_declares_what_it_reads_and_scores_each_row():
+    """Each entry reads logits or features and maps (N, K) logits or (N, D) embeddings to (N,)
+    finite float64 scores; feature scores rise off the training embeddings."""
+    from explain import ood
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(6, 9))
+    train, labels = rng.normal(size=(60, 5)), np.arange(60) % 3
+    query = np.stack([train.mean(0), train.mean(0) + 10 * rng.normal(size=5)])
+    assert set(score_names()) == set(score_names("logits")) | set(score_names("features"))
+    assert set(score_names("logits")) >= {"msp", "max_logit", "entropy", "energy", "gen"}
+    assert set(score_names("features")) >= {"knn", "mahalanobis"}
+    for e in ood.list_scores():
+        assert isinstance(e, ood.OODScore) and e.reads in ood.READS and e.label and ood.get_score(e.name) is e
+        if e.reads == "logits":
+            s = logit_score(z, e.name)
+            assert s.shape == (6,) and s.dtype == np.float64 and np.isfinite(s).all(), e.name
+            assert logit_score(z[0], e.name).shape == (1,), e.name
+            with pytest.raises(KeyError):
+                ood.feature_scorer(e.name, train, labels)
+        else:
+            s = ood.feature_scorer(e.name, train, labels)(query)
+            assert s.shape == (2,) and s.dtype == np.float64 and np.isfinite(s).all() and s[1] > s[0], e.name
+            with pytest.raises(KeyError):
+                logit_score(z, e.name)
+    # the legacy names follow the registry
+    assert ood.SCORES == score_names() and ood.LOGIT_SCORES == score_names("logits")
+    assert ood.FEATURE_SCORES == score_names("features") and ood.SCORE_LABELS == {e.name: e.label for e in ood.list_scores()}
+    with pytest.raises(ValueError):
+        ood.register_score("bad", "bad", "pixels")
+    with pytest.raises(ValueError, match="already registered"):
+        ood.register_score("msp", "again", "logits")(msp)
+
+
+@pytest.fixture
+def margin_score():
+    """A test-local logit score (the negative top-2 margin), removed afterwards."""
+    from explain import ood
+
+    @ood.register_score("test_margin", "− top-2 logit margin (test)", "logits")
+    def _margin(logits: np.ndarray) -> np.ndarray:
+        top = np.sort(np.asarray(logits, dtype=np.float64), -1)
+        return top[:, -2] - top[:, -1]
+
+    yield "test_margin"
+    ood.unregister_score("test_margin")
+    assert "test_margin" not in score_names()
+
+
+def test_a_registered_score_reaches_the_benchmark(margin_score):
+    from explain import ood
+    from explain.ood_benchmark import cross_dataset, leave_class_out, results_markdown
+
+    assert margin_score in score_names("logits") and margin_score in ood.LOGIT_SCORES
+    assert logit_score(np.array([[3.0, 1.0, 0.0]]), margin_score) == pytest.approx([-2.0])
+    ev = _fake_evaluation()
+    s = ev.scores(margin_score, "class")
+    assert set(s) == set(ev.sets) and all(v.shape == (len(ev.sets[n]),) for n, v in s.items())
+    table, per_level = leave_class_out(ev)
+    assert margin_score in table and all(margin_score in v for v in per_level.values())
+    assert table[margin_score]["auroc_mean"] > 0.8  # peaked in-distribution, flatter held-out logits
+    cd = cross_dataset(ev)
+    md = results_markdown({"leave_class_out": {"fake": table}, "cross_dataset": {"fake": cd}, "per_level": {"fake": per_level},
+                           "models": {}, "sizes": {}})
+    assert f"| {margin_score} |" in md
 
 
 # --- metrics agree with scikit-learn -----------------------------------------------------------
@@ -363,7 +431,7 @@ def test_benchmark_aggregation_on_a_hand_made_evaluation(tmp_path):
 
     ev = _fake_evaluation()
     table, per_level = leave_class_out(ev)
-    assert set(table) == set(SCORES)
+    assert set(table) == set(score_names())
     for s, v in table.items():
         assert set(v["per_class"]) == {"h0", "h1", "h2"}
         assert 0 <= v["auroc_mean"] <= 1 and 0 <= v["fpr95_mean"] <= 1
@@ -371,7 +439,7 @@ def test_benchmark_aggregation_on_a_hand_made_evaluation(tmp_path):
     assert table["msp"]["auroc_mean"] > 0.9 and table["knn"]["auroc_mean"] > 0.8  # peaked ID, flatter held-out
     assert set(per_level) == {"group", "class"}
     cd = cross_dataset(ev)
-    assert set(cd) == set(SCORES) and cd["mahalanobis"]["auroc"] > 0.9
+    assert set(cd) == set(score_names()) and cd["mahalanobis"]["auroc"] > 0.9
     result = {"leave_class_out": {"fake": table}, "cross_dataset": {"fake": cd}, "per_level": {"fake": per_level},
               "models": {"fake": model_info(ev.manifest)}, "sizes": {"fake": {n: len(s) for n, s in ev.sets.items()}}}
     result["targets"] = targets(result)
@@ -398,7 +466,7 @@ def test_targets_pair_the_flat_logit_model_with_the_right_baselines():
     from explain.ood_benchmark import targets
 
     def table(**aurocs):
-        return {s: {"auroc_mean": aurocs.get(s, 0.5), "fpr95_mean": 0.5, "per_class": {}} for s in SCORES}
+        return {s: {"auroc_mean": aurocs.get(s, 0.5), "fpr95_mean": 0.5, "per_class": {}} for s in score_names()}
 
     def info(oe, init, epochs, acc):
         return {"outlier_exposure": oe, "init_from": init, "epochs": epochs, "leaf_accuracy": acc}
@@ -428,7 +496,7 @@ def test_benchmark_cli_json_shape(tmp_path):
     r = json.loads(out.stdout)
     assert set(r) >= {"leave_class_out", "cross_dataset"}
     cd = r["cross_dataset"][name]
-    assert set(cd) == set(SCORES)
+    assert set(cd) == set(score_names())
     assert all(0.0 <= v["auroc"] <= 1.0 for v in cd.values())
     for model, table in r["leave_class_out"].items():
         for v in table.values():

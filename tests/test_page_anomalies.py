@@ -6,8 +6,10 @@ import re
 import time
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 
+from explain.ood import get_score, score_names
 from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
 
 pytestmark = requires_data
@@ -64,14 +66,37 @@ def test_page_scores_threshold_and_gallery():
     assert _selected_text(at) != first
 
 
-@pytest.mark.parametrize("score", ["entropy", "energy", "gen", "knn", "mahalanobis"])
+@pytest.mark.parametrize("score", [s for s in score_names() if s != "msp"])  # msp: the default, tested above
 def test_every_score_runs(score):
     at = _app()
     at.selectbox(key="ood_score").set_value(score).run()
     _ok(at)
     assert _metric(at, "AUROC")
     level_box = at.selectbox(key="ood_level")
-    assert level_box.disabled == (score in ("knn", "mahalanobis"))
+    assert level_box.disabled == (get_score(score).reads == "features")
+
+
+def test_a_registered_logit_score_is_offered_and_runs():
+    """A score added to the registry (test-local, removed afterwards) is one more option of the
+    page's score picker, scored per level like the others."""
+    from explain import ood
+
+    @ood.register_score("test_margin", "− top-2 logit margin (test)", "logits")
+    def _margin(logits):
+        top = np.sort(np.asarray(logits, dtype=np.float64), -1)
+        return top[:, -2] - top[:, -1]
+
+    try:
+        at = _app()
+        _ok(at)
+        box = at.selectbox(key="ood_score")
+        assert box.options == [e.label for e in ood.list_scores()] and box.options[-1] == "− top-2 logit margin (test)"
+        box.set_value("test_margin").run()
+        _ok(at)
+        assert _metric(at, "AUROC") and not at.selectbox(key="ood_level").disabled
+        assert "− top-2 logit margin (test): **" in _selected_text(at)
+    finally:
+        ood.unregister_score("test_margin")
 
 
 def test_levels_and_known_group_unknown_class():

@@ -98,7 +98,11 @@ def test_gallery_pick_level_method_and_contrast(ndsb_manifest):
     model = open_model(default_model_name()).classifier
     assert {o.rsplit(" (", 1)[0] for o in target.options} == set(model.class_names["group"])
 
-    # Method switch, then "why A rather than B".
+    # The method picker offers every registered method that works for the model; a switch, then
+    # "why A rather than B".
+    from explain.saliency import available_methods
+
+    assert at.selectbox(key="method").options == [m.label for m in available_methods(model)]
     for method in ("gradcam", "saliency"):
         at.selectbox(key="method").set_value(method).run()
         _ok(at)

@@ -75,8 +75,14 @@ def test_page_sections_and_inputs(clip_zoo):
     assert not at.exception
     labels = [m.label for m in at.metric]
     assert "similarity" in labels and "rank among the prompt bank" in labels
-    at.radio(key="clip_sal_method").set_value("gradcam").run()
-    assert not at.exception
+    # Every saliency method the registry offers for this tower, on the similarity to the prompt.
+    from explain.saliency import list_methods
+
+    assert at.radio(key="clip_sal_method").options == [m.label for m in list_methods()]  # a convolutional tower: all
+    for m in list_methods():
+        at.radio(key="clip_sal_method").set_value(m.name).run()
+        assert not at.exception, (m.name, [e.value for e in at.exception])
+        assert any(c.startswith(f"{m.label} for “") for im in at.get("image") for c in im.captions), m.name
     at.text_input(key="clip_prompt").set_value("   ").run()
     assert not at.exception and any("Type a prompt" in i.value for i in at.info)
 
@@ -221,7 +227,7 @@ def test_sidebar_picker_offers_clip_models_marked(clip_zoo):
 
 
 def test_classify_page_with_the_clip_model(clip_zoo):
-    from explain.saliency import METHODS
+    from explain.saliency import get_method
     from models.handle import open_model
 
     at = _app_with_model("ndsb-clip")
@@ -244,7 +250,7 @@ def test_classify_page_with_the_clip_model(clip_zoo):
     for method in ("gradcam", "occlusion", "smoothgrad"):
         at.selectbox(key="method").set_value(method).run()
         assert not at.exception, (method, [e.value for e in at.exception])
-        assert any(c.startswith(f"{METHODS[method]} · class: ") for im in at.get("image") for c in im.captions), method
+        assert any(c.startswith(f"{get_method(method).label} · class: ") for im in at.get("image") for c in im.captions), method
     at.radio(key="level").set_value("group").run()
     target = next(s for s in at.selectbox if s.label == "Explain class")
     assert {o.rsplit(" (", 1)[0] for o in target.options} == set(model.class_names["group"])

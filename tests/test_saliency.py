@@ -12,7 +12,8 @@ from explain import export
 from explain.faithfulness import (cascade_groups, curves, faithfulness, map_similarity, random_reference, random_references,
                                   randomisation_check)
 from explain.predict import contradictions, ground_truth_path, predict
-from explain.saliency import METHODS, attribute, attribute_all_levels, contrast, target_index
+from explain.saliency import (SaliencyMethod, attribute, attribute_all_levels, attribute_forward, available_methods, contrast,
+                              get_method, is_signed, list_methods, register_method, target_index, unregister_method)
 
 #: leaf accuracy above which a model counts as trained for the faithfulness assertion.
 TRAINED_ACCURACY = 0.3
@@ -99,7 +100,7 @@ def test_gradcam_shape_and_non_negative(zoo_model, images):
     assert signed.shape == cam.shape
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", [m.name for m in list_methods()])
 def test_every_method_gives_a_finite_map(zoo_model, images, method):
     model, _ = zoo_model
     x = images[0][2]
@@ -283,3 +284,126 @@ def test_explanation_store_round_trip_keys_and_pruning(monkeypatch, tmp_path):
     store.prune(folder, limit=20)
     left = sorted(p.name for p in folder.glob("attribution-0*.npz"))
     assert len(list(folder.glob("*.npz"))) <= 28 and "attribution-000.npz" not in left and "attribution-029.npz" in left
+
+
+# --- the registry ----------------------------------------------------------------------------------
+def test_registry_declarations_match_what_attribute_returns(zoo_model, images):
+    """Every entry runs; a delta comes back iff it declares ``has_delta``; unsigned methods give
+    maps ≥ 0 by default and signed ones with ``signed=True``; signed methods give both signs."""
+    model, _ = zoo_model
+    x = images[0][2]
+    leaf = model.levels[-1]
+    with torch.no_grad():
+        least = int(model(x)[leaf][0].argmin())
+    assert [m.name for m in list_methods()][:5] == ["integrated_gradients", "saliency", "gradcam", "occlusion", "smoothgrad"]
+    for m in list_methods():
+        assert isinstance(m, SaliencyMethod) and m.label and get_method(m.name) is m
+        assert is_signed(m.name) == m.signed and is_signed(m.name, True)
+        a, delta = attribute(model, x, leaf, None, m.name, return_delta=True, n_steps=16)
+        assert a.shape == (64, 64) and a.dtype == np.float32 and np.isfinite(a).all() and np.abs(a).max() > 0, m.name
+        assert (delta is not None) == m.has_delta, m.name
+        if m.has_delta:
+            assert np.isfinite(delta) and delta >= 0
+        if m.signed:
+            assert a.min() < 0 < a.max(), m.name
+        else:
+            assert (a >= 0).all(), m.name
+            # signed=True keeps the sign: the least likely class has evidence against it
+            assert attribute(model, x, leaf, least, m.name, signed=True).min() < 0, m.name
+    assert get_method("gradcam").needs_layer and not any(m.needs_layer for m in list_methods() if m.name != "gradcam")
+    with pytest.raises(KeyError, match="unknown method"):
+        get_method("lime")
+
+
+class _Score(torch.nn.Module):
+    """One logit of one level as the only output (like the CLIP page's similarity to a prompt)."""
+
+    def __init__(self, model, level: str, t: int):
+        super().__init__()
+        self.model, self.level, self.t = model, level, t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[self.level][:, self.t]
+
+
+def test_attribute_forward_on_a_scalar_output_module_equals_attribute(zoo_model, images):
+    """The registry's functions work on any module with one output per image (target None): the
+    same maps as ``attribute`` for the logit that module returns."""
+    model, _ = zoo_model
+    x = images[0][1]
+    lvl = model.levels[1]
+    t = target_index(model, lvl, None, x)
+    for m in list_methods():
+        want, d_want = attribute(model, x, lvl, t, m.name, return_delta=True, n_steps=16)
+        got, d_got = attribute_forward(_Score(model, lvl, t), x, m.name, None, layer=model.gradcam_layer, n_steps=16)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=m.name)
+        assert (d_got is None) == (d_want is None)
+    with pytest.raises(NotImplementedError):
+        attribute_forward(_Score(model, lvl, t), x, "gradcam")  # no layer given
+
+
+def _without_layer(model):
+    """A copy of ``model`` whose ``gradcam_layer`` raises NotImplementedError (as a ViT tower's)."""
+    import copy
+
+    class NoLayer(type(model)):
+        @property
+        def gradcam_layer(self):
+            raise NotImplementedError("no convolutional block")
+
+    m = copy.deepcopy(model)
+    m.__class__ = NoLayer
+    return m
+
+
+def test_a_registered_method_is_offered_and_dispatched(zoo_model, images):
+    """A new entry (test-local, removed afterwards) appears in ``available_methods`` and runs
+    through ``attribute``; one that needs a layer is offered only to models that have one."""
+    model, _ = zoo_model
+    x = images[0][0]
+    lvl = model.levels[-1]
+    no_layer = _without_layer(model)
+    assert "gradcam" in {m.name for m in available_methods(model)}
+    assert "gradcam" not in {m.name for m in available_methods(no_layer)}
+    with pytest.raises(NotImplementedError):
+        attribute(no_layer, x, lvl, None, "gradcam")
+
+    @register_method("test_input_x_gradient", "Input × gradient (test)", signed=True)
+    def _ixg(fwd, x, target, **_):
+        from captum.attr import InputXGradient
+
+        return InputXGradient(fwd).attribute(x.clone().requires_grad_(True), target=target), None
+
+    @register_method("test_layer_mean", "Layer activation mean (test)", needs_layer=True, has_delta=True)
+    def _layer_mean(fwd, x, target, *, layer, **_):
+        acts = []
+        h = layer.register_forward_hook(lambda mod, inp, out: acts.append(out))
+        try:
+            fwd(x)
+        finally:
+            h.remove()
+        a = torch.nn.functional.interpolate(acts[0].mean(1, keepdim=True).relu(), size=x.shape[-2:], mode="bilinear")
+        return a, 0.0
+
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_method("test_input_x_gradient", "again")(_ixg)
+        names = [m.name for m in available_methods(model)]
+        assert names[-2:] == ["test_input_x_gradient", "test_layer_mean"]
+        assert "test_input_x_gradient" in [m.name for m in available_methods(no_layer)]
+        assert "test_layer_mean" not in [m.name for m in available_methods(no_layer)]
+        t = target_index(model, lvl, None, x)
+        got = attribute(model, x, lvl, t, "test_input_x_gradient")
+        xg = x.clone().requires_grad_(True)
+        model(xg)[lvl][0, t].backward()
+        np.testing.assert_allclose(got, (xg.grad * x)[0].sum(0).numpy(), rtol=1e-4, atol=1e-7)
+        assert is_signed("test_input_x_gradient") and not is_signed("test_layer_mean")
+        assert "test_layer_mean" in [m.name for m in list_methods()]
+        a, delta = attribute(model, x, lvl, None, "test_layer_mean", return_delta=True)
+        assert a.shape == (64, 64) and (a >= 0).all() and delta == 0.0
+    finally:
+        unregister_method("test_input_x_gradient")
+        unregister_method("test_layer_mean")
+    assert not {"test_input_x_gradient", "test_layer_mean"} & {m.name for m in list_methods()}
+    with pytest.raises(KeyError):
+        attribute(model, x, lvl, None, "test_input_x_gradient")
