@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         print(WHERE_TO_GET, file=sys.stderr)
         return 1
     print(f"datasets folder: {datasets_root()}")
+    if any(d.get("sample") for d in info.values()):
+        print("No full dataset was found: the pages run on the small NDSB sample in data/sample/ "
+              "(10 images per class). " + WHERE_TO_GET.splitlines()[1])
     for name, d in info.items():
         print(f"\n{name}  ({d['format']}: {d['path']})")
         print(f"  images {d['images']:,}   classes {d['classes']}   taxonomy depth {d['taxonomy_depth']} (v{d['taxonomy_version']})")

@@ -14,7 +14,8 @@ def dataset_info(src: Source, progress: bool = False) -> dict:
     tax = src.taxonomy()
     return {
         "path": str(src.root),
-        "format": "zip" if src.is_zip else "folder",
+        "format": ("sample shipped with the project, " if src.sample else "") + ("zip" if src.is_zip else "folder"),
+        "sample": bool(src.sample),
         "images": int(len(df)),
         "classes": int(df["class"].nunique()),
         "levels": {lvl: int(df[lvl].nunique()) for lvl in LEVELS},

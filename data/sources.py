@@ -33,6 +33,7 @@ class Source:
     mode: str = "L"  # decode mode: NDSB stores 3 identical channels → "L"
     background: int = 255  # 255 shadowgraph (white), 0 dark-field (black)
     taxonomy_name: str | None = None
+    sample: bool = False  # the small sample shipped with the project (data/sample), not the full dataset
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _files: list[tuple[str, str]] | None = field(default=None, repr=False)
     _taxonomy: Taxonomy | None = field(default=None, repr=False)
@@ -180,8 +181,13 @@ KNOWN = {
 }
 
 
+#: Samples shipped with the project, opened when the full dataset is not found (data/sample.py).
+SAMPLES = {"ndsb": Path(__file__).resolve().parent / "sample" / "ndsb_sample.zip"}
+
+
 def open_source(name: str, root: str | Path | None = None) -> Source:
-    """Open a dataset by name ("ndsb", "zoolake") from ``root`` (default: :func:`datasets_root`).
+    """Open a dataset by name ("ndsb", "zoolake") from ``root`` (default: :func:`datasets_root`);
+    without ``root``, NDSB falls back to the sample shipped in ``data/sample`` (``Source.sample``).
 
     For "imagefolder" pass the folder as ``root``; for "ecotaxa" pass the TSV file.
     """
@@ -199,12 +205,15 @@ def open_source(name: str, root: str | Path | None = None) -> Source:
         raise DatasetNotFound(f"unknown dataset {name!r}; known: {sorted(KNOWN)}, imagefolder, ecotaxa")
     sub, archive, folder, mode, bg = KNOWN[name]
     base = Path(root) if root else datasets_root()
+    if base is not None:
+        for cand in (base / sub, base):
+            hit = _locate(cand, archive, folder)
+            if hit:
+                return Source(name, hit[0], hit[1], mode, bg, taxonomy_name=name)
+    if root is None and name in SAMPLES and SAMPLES[name].is_file():
+        return Source(name, SAMPLES[name], folder, mode, bg, taxonomy_name=name, sample=True)
     if base is None:
         raise DatasetNotFound(f"dataset {name!r} not found: no datasets folder is set")
-    for cand in (base / sub, base):
-        hit = _locate(cand, archive, folder)
-        if hit:
-            return Source(name, hit[0], hit[1], mode, bg, taxonomy_name=name)
     raise DatasetNotFound(f"dataset {name!r} not found under {base} (looked for {sub}/{archive} or {sub}/{folder}/)")
 
 

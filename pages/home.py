@@ -76,6 +76,10 @@ sources = get_sources()
 if not sources:
     dataset_missing_message()
 else:
+    if any(src.sample for src in sources.values()):
+        st.info("No dataset was found, so the pages show the **NDSB sample shipped with the project** (10 real images "
+                "per class, data/sample). For the full NDSB and ZooLake sets, see the README's *Where the data is "
+                "looked for*.", icon=":material/info:")
     cols = st.columns(len(sources))
     for col, (name, src) in zip(cols, sources.items()):
         info = dataset_info(src)
