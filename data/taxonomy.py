@@ -177,7 +177,7 @@ def taxonomy_from_hierarchies(name: str, hierarchies: dict[str, str], max_levels
     for c, p in paths.items():
         if not p:
             raise TaxonomyError(f"class {c!r} has an empty hierarchy")
-        if p[-1] == c:
+        if p[-1] in (c, c.split("<")[0]):  # EcoTaxa names a class "egg<other" when "egg" is ambiguous
             paths[c] = p[:-1]
     common = 0
     ancestors = list(paths.values())

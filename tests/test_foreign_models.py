@@ -335,3 +335,58 @@ def test_imported_vit_on_the_classify_page_in_a_browser(byo, page):
         assert page.locator("[data-testid='stImage']").count() >= 6  # image, map and one map per level
         _no_errors(page, probes)
         page.screenshot(path=str(ARTIFACTS / "classify_byo_vit.png"), full_page=True)
+
+
+ECOTAXA_EXPORT = REPO.parent / "shared" / "ecotaxa" / "export_with_hierarchy" / "ecotaxa_export_1_20210530_1122.tsv"
+
+
+@pytest.mark.skipif(not ECOTAXA_EXPORT.is_file(), reason="../shared/ecotaxa not found")
+def test_classes_and_taxonomy_from_an_ecotaxa_export(byo):
+    """EcoTaxa's own export gives the class list and, from its hierarchy strings, the levels."""
+    import timm
+    from safetensors.torch import save_file
+
+    from models.handle import open_model
+
+    net = timm.create_model("resnet18", num_classes=6)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(byo["tmp"] / "eco.safetensors"))
+    assert _add(str(byo["tmp"] / "eco.safetensors"), "--name", "byo-ecotaxa", "--arch", "resnet18", "--size", str(SIZE),
+                "--classes", str(ECOTAXA_EXPORT), "--taxonomy", str(ECOTAXA_EXPORT)) == 0
+    lm = open_model("byo-ecotaxa")
+    tax = lm.classifier.taxonomy
+    assert tax.classes == ["Cyclopoida", "Oncaeidae", "detritus", "egg<other", "other<Biota", "t001"]
+    assert lm.levels == ("level1", "level2", "level3", "class")
+    assert tax.path("Oncaeidae") == {"level1": "Biota", "level2": "Animalia", "level3": "Arthropoda", "class": "Oncaeidae"}
+    assert tax.path("egg<other")["level2"] == "other" and tax.path("detritus")["level1"] == "not-living"
+    assert lm.dataset is None
+    with torch.no_grad():
+        out = lm.classifier(torch.rand(1, 1, SIZE, SIZE))
+    assert out["level1"].shape == (1, 3) and out["class"].shape == (1, 6)
+
+
+def test_home_page_form_adds_a_model_under_the_allowed_roots(byo, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PLANKTON_LENS_ROOTS", str(byo["tmp"] / "hub"))
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300).run()
+    at.text_input(key="add_path").set_value(str(byo["tmp"] / "lab_resnet18.pth"))
+    at.text_input(key="add_name").set_value("byo-form")
+    _submit(at)
+    assert any("outside the folders this server may read" in e.value for e in at.error), [e.value for e in at.error]
+    assert not (byo["zoo"] / "byo-form.json").exists()
+    at.text_input(key="add_path").set_value(str(byo["tmp"] / "hub" / "lab-mobilenet" / ".." / ".." / "lab_resnet18.pth"))
+    _submit(at)
+    assert any("outside the folders" in e.value for e in at.error)  # '..' out of a root is refused too
+    at.text_input(key="add_path").set_value(str(byo["tmp"] / "hub" / "lab-mobilenet"))
+    at.number_input(key="add_size").set_value(SIZE)
+    _submit(at)
+    assert not at.exception and any("Added byo-form" in s.value for s in at.success), [e.value for e in at.error]
+    assert (byo["zoo"] / "byo-form.json").exists()
+    from models.importer import remove_model
+
+    remove_model("byo-form")
+
+
+def _submit(at) -> None:
+    next(b for b in at.button if b.label == "Add model").click()
+    at.run()
