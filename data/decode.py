@@ -130,6 +130,10 @@ def decode_image(data: bytes, mode: str = "L", background: int = 255) -> Decoded
         except Exception:  # noqa: BLE001
             raise ImageDecodeError("unsupported", f"Unsupported image mode {source_mode!r}.") from None
     if im.mode != mode:
+        if im.mode == "RGB" and mode == "L":
+            rgb = np.asarray(im, dtype=np.int16)
+            if int(np.abs(rgb - rgb.mean(-1, keepdims=True)).max(initial=0)) > 8:
+                notes.append("colour converted to grey")
         im = im.convert(mode)
     return DecodedImage(im, (w, h), source_mode, tuple(notes))
 
@@ -146,30 +150,99 @@ def fit_square(im: Image.Image, size: int, background: int = 255) -> Image.Image
     return canvas
 
 
-def estimate_background(im: Image.Image) -> int:
-    """Background grey level from the image border: ~255 for shadowgraph, ~0 for dark-field."""
-    a = np.asarray(im.convert("L"), dtype=np.uint8)
+@dataclass(frozen=True)
+class Background:
+    """An image's background: its grey ``level`` (0–255) and whether organisms are darker
+    ("dark-on-light", shadowgraph and bright-field) or lighter ("light-on-dark", dark-field)."""
+
+    level: int
+    polarity: str
+
+    @classmethod
+    def of(cls, value: "Background | int") -> "Background":
+        """A dataset's fixed background (255 shadowgraph, 0 dark-field) as a Background."""
+        if isinstance(value, Background):
+            return value
+        v = int(value)
+        return cls(v, "dark-on-light" if v >= 128 else "light-on-dark")
+
+
+#: Grey levels an object pixel must differ from the background by to count for the polarity.
+OBJECT_CONTRAST = 24
+
+
+def estimate_background(im: Image.Image) -> Background:
+    """The background from the image border (its median grey level, any level: white
+    shadowgraph, mid-grey bright-field, black dark-field) and the polarity from the pixels that
+    differ from it: organisms darker or lighter than the background, by their summed contrast."""
+    a = np.asarray(im.convert("L"), dtype=np.int16)
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    return 255 if float(np.median(border)) >= 128 else 0
+    level = int(np.median(border))
+    d = a - level
+    darker = float(np.clip(-d - OBJECT_CONTRAST, 0, None).sum())
+    lighter = float(np.clip(d - OBJECT_CONTRAST, 0, None).sum())
+    if darker == lighter:
+        return Background.of(level)
+    return Background(level, "dark-on-light" if darker > lighter else "light-on-dark")
 
 
-def to_foreground(square: Image.Image, background: int) -> np.ndarray:
-    """uint8 grayscale array where 0 is background and 255 the strongest signal."""
-    a = np.asarray(square.convert("L"), dtype=np.uint8)
-    return (255 - a) if background >= 128 else a.copy()
+def to_foreground(square: Image.Image, background: Background | int) -> np.ndarray:
+    """uint8 grayscale array where 0 is background and 255 the strongest signal: the contrast to
+    the background level, on the organisms' side, stretched to the full range (for a white or
+    black background this is the plain inversion or the image itself)."""
+    bg = Background.of(background)
+    a = np.asarray(square.convert("L"), dtype=np.float32)
+    if bg.polarity == "dark-on-light":
+        out = (bg.level - a) * (255.0 / max(bg.level, 1))
+    else:
+        out = (a - bg.level) * (255.0 / max(255 - bg.level, 1))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+#: Longest side / shortest side kept for uploads and user collections (``max_aspect``): a 30:1
+#: diatom chain fitted whole into 64 px would be 2 px thick.
+MAX_ASPECT = 4.0
+
+
+def crop_aspect(im: Image.Image, background: Background, max_aspect: float) -> tuple[Image.Image, str | None]:
+    """For an image more elongated than ``max_aspect``, the window of ``max_aspect`` × its short
+    side along the long axis, centred on the organism's mass (and a note); else the image."""
+    w, h = im.size
+    long_, short = max(w, h), min(w, h)
+    if short == 0 or long_ / short <= max_aspect:
+        return im, None
+    keep = int(round(max_aspect * short))
+    fg = to_foreground(im, background).astype(np.float64)
+    profile = fg.sum(0 if w > h else 1)
+    centre = float((profile * np.arange(len(profile))).sum() / profile.sum()) if profile.sum() > 0 else long_ / 2
+    start = int(min(max(0, round(centre - keep / 2)), long_ - keep))
+    box = (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
+    return im.crop(box), (f"extreme aspect ratio {long_ / short:.0f}:1: the {max_aspect:.0f}:1 window around the "
+                          "organism is shown to the model, so that it is not shrunk to a few pixels")
 
 
 def load_for_model(
-    data: bytes, size: int, mode: str = "L", background: int | None = None
+    data: bytes, size: int, mode: str = "L", background: Background | int | None = None,
+    max_aspect: float | None = None,
 ) -> tuple[np.ndarray, DecodedImage, Image.Image]:
     """Decode bytes into the model's input: a ``size``×``size`` uint8 foreground array
     (0 = background, see :func:`to_foreground`), plus the decode info and the padded square
     image in its original polarity (for display and overlays).
 
-    ``background`` is the dataset's background (255 shadowgraph, 0 dark-field); None
-    estimates it from the image border, as for an upload of unknown origin.
+    ``background`` is the dataset's background (255 shadowgraph, 0 dark-field, or a
+    :class:`Background`); None estimates level and polarity from the image border, as for an
+    upload of unknown origin. ``max_aspect`` (uploads, user collections) crops images more
+    elongated than that (:func:`crop_aspect`); the datasets the models were trained on pass None.
     """
-    dec = decode_image(data, mode=mode, background=255 if background is None else background)
-    bg = estimate_background(dec.image) if background is None else background
-    square = fit_square(dec.image, size, bg)
+    dec = decode_image(data, mode=mode, background=255 if background is None else Background.of(background).level)
+    bg = estimate_background(dec.image) if background is None else Background.of(background)
+    image = dec.image
+    if max_aspect:
+        image, note = crop_aspect(image, bg, max_aspect)
+        if note:
+            dec = DecodedImage(dec.image, dec.original_size, dec.source_mode, (*dec.notes, note))
+    if background is None and bg.level not in (0, 255):
+        dec = DecodedImage(dec.image, dec.original_size, dec.source_mode,
+                           (*dec.notes, f"background grey level {bg.level} ({bg.polarity}) set to 0"))
+    square = fit_square(image, size, bg.level)
     return to_foreground(square, bg), dec, square

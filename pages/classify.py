@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from data.decode import ImageDecodeError, estimate_background, fit_square, load_for_model
+from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, load_for_model
 from data.manifest import decoded_array
 from explain import export
 from explain.faithfulness import randomisation_check
@@ -194,7 +194,7 @@ def _uploads(model) -> Loaded | None:
     good: list[Loaded] = []
     for f in files:
         try:
-            fg, dec, _ = load_for_model(f.getvalue(), model.preprocessing["size"], mode="L")
+            fg, dec, square = load_for_model(f.getvalue(), model.preprocessing["size"], mode="L", max_aspect=MAX_ASPECT)
         except ImageDecodeError as e:
             st.error(f"**{f.name}**: {e.message}", icon=":material/broken_image:")
             continue
@@ -202,7 +202,7 @@ def _uploads(model) -> Loaded | None:
             log.exception("upload %s", f.name)
             st.error(f"**{f.name}** could not be read as an image ({type(e).__name__}).", icon=":material/broken_image:")
             continue
-        disp = fit_square(dec.image, DISPLAY_PX, estimate_background(dec.image)).convert("RGB")
+        disp = square.convert("RGB").resize((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BICUBIC)
         good.append(Loaded(_key(fg), f.name, fg, disp, dec.notes))
     if not good:
         return None

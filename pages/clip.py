@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from data.decode import ImageDecodeError, load_for_model
+from data.decode import MAX_ASPECT, ImageDecodeError, load_for_model
 from data.manifest import decoded_array
 from explain import clip as xc
 from explain.export import overlay
@@ -98,7 +98,7 @@ def _from_upload(pc) -> Picked | None:
         st.info("Upload a plankton image to explain it.")
         return None
     try:
-        fg, dec, square = load_for_model(up.getvalue(), pc.size, mode="L", background=None)
+        fg, dec, square = load_for_model(up.getvalue(), pc.size, mode="L", background=None, max_aspect=MAX_ASPECT)
     except ImageDecodeError as e:
         st.error(f"{up.name}: {e.message}")
         return None
