@@ -27,7 +27,15 @@ def dataset_info(src: Source, progress: bool = False) -> dict:
 
 
 def all_info(progress: bool = False) -> dict:
-    return {name: dataset_info(src, progress) for name, src in available_sources().items()}
+    """:func:`dataset_info` of every available dataset and collection; one that cannot be read
+    gives ``{"error": message, "path": …}`` instead (never a traceback)."""
+    out = {}
+    for name, src in available_sources().items():
+        try:
+            out[name] = dataset_info(src, progress)
+        except (ValueError, OSError) as e:  # TaxonomyError, DatasetNotFound, a damaged archive
+            out[name] = {"error": str(e), "path": str(src.root)}
+    return out
 
 
 def sunburst_frame(src: Source) -> pd.DataFrame:

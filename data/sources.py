@@ -34,6 +34,7 @@ class Source:
     background: int = 255  # 255 shadowgraph (white), 0 dark-field (black)
     taxonomy_name: str | None = None
     sample: bool = False  # the small sample shipped with the project (data/sample), not the full dataset
+    kind: str = "imagefolder"  # what the content is: "imagefolder", "ecotaxa-export", …
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _files: list[tuple[str, str]] | None = field(default=None, repr=False)
     _taxonomy: Taxonomy | None = field(default=None, repr=False)
@@ -112,7 +113,7 @@ class Source:
             for row in t.table.itertuples(index=False):
                 known.setdefault(row[3], (row[0], row[1], row[2]))
         classes = sorted({c for _, c in self.files()})
-        return taxonomy_from_paths(self.name, {c: known.get(c, ("unknown", "unknown", "unknown")) for c in classes})
+        return taxonomy_from_paths(self.name, {c: known.get(c, ("unknown", "unknown group", "unknown subgroup")) for c in classes})
 
 
 @dataclass
@@ -202,7 +203,13 @@ def open_source(name: str, root: str | Path | None = None) -> Source:
             raise DatasetNotFound(f"EcoTaxa export {root} is not a file")
         return EcoTaxaSource(name if name != "ecotaxa" else p.stem, p.parent, "", "L", 255, tsv=p)
     if name not in KNOWN:
-        raise DatasetNotFound(f"unknown dataset {name!r}; known: {sorted(KNOWN)}, imagefolder, ecotaxa")
+        from .collections import user_collections
+
+        entry = user_collections().get(name)
+        if entry is not None:
+            return open_path(name, Path(entry["path"]), entry.get("overrides") or {})
+        raise DatasetNotFound(f"unknown dataset {name!r}; known: {sorted(KNOWN)}, the user collections "
+                              f"({', '.join(user_collections()) or 'none'}), imagefolder, ecotaxa")
     sub, archive, folder, mode, bg = KNOWN[name]
     base = Path(root) if root else datasets_root()
     if base is not None:
@@ -217,12 +224,43 @@ def open_source(name: str, root: str | Path | None = None) -> Source:
     raise DatasetNotFound(f"dataset {name!r} not found under {base} (looked for {sub}/{archive} or {sub}/{folder}/)")
 
 
+def open_path(name: str, path: Path, overrides: dict | None = None) -> Source:
+    """A user collection at ``path``, its format detected from the content: an EcoTaxa export
+    (a TSV with ``img_file_name`` and ``object_annotation_category`` beside its images) or an
+    ImageFolder (one folder per class). ``overrides`` may fix the background level / polarity."""
+    overrides = overrides or {}
+    bg = int(overrides.get("background", 255 if overrides.get("polarity", "dark-on-light") == "dark-on-light" else 0))
+    if path.is_dir():
+        tsvs = sorted(path.glob("*.tsv"))
+        for t in tsvs:
+            try:
+                head = t.open(encoding="utf-8", errors="replace").readline()
+            except OSError:
+                continue
+            if "img_file_name" in head and "object_annotation_category" in head:
+                return EcoTaxaSource(name, path, "", "L", bg, tsv=t, kind="ecotaxa-export")
+        src = Source(name, path, "", "L", bg, kind="imagefolder")
+        src.files()  # raises DatasetNotFound without <class>/<file> images
+        return src
+    raise DatasetNotFound(f"{path} is not a collection Plankton Lens can read: give a folder (an EcoTaxa export with "
+                          "its images, or one sub-folder of images per class).")
+
+
 def available_sources(root: str | Path | None = None) -> dict[str, Source]:
-    """The known datasets present under ``root`` (default: :func:`datasets_root`)."""
+    """The known datasets present under ``root`` (default: :func:`datasets_root`), then the
+    user collections that can be opened (without ``root``)."""
     out = {}
     for name in KNOWN:
         try:
             out[name] = open_source(name, root)
         except DatasetNotFound:
             pass
+    if root is None:
+        from .collections import user_collections
+
+        for name, entry in user_collections().items():
+            try:
+                out[name] = open_path(name, Path(entry["path"]), entry.get("overrides") or {})
+            except (DatasetNotFound, OSError):
+                pass
     return out
