@@ -1,11 +1,11 @@
-"""Readers for plankton datasets as published: NDSB, ZooLake, ImageFolder, EcoTaxa export.
+"""Readers for plankton datasets as published (NDSB, ZooLake); a biologist's own collections
+(ImageFolder, EcoTaxa bundles) are in :mod:`data.collections_io`.
 
 A :class:`Source` lists ``(relpath, class)`` pairs and reads the bytes of one file, from a zip
 archive (read in place, never extracted into the repository) or from a folder.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import threading
@@ -104,60 +104,16 @@ class Source:
     def _build_taxonomy(self) -> Taxonomy:
         if self.taxonomy_name:
             return load_taxonomy(self.taxonomy_name)
-        # ImageFolder: reuse a known taxonomy row when the class name is known, else "unknown".
-        known = {}
-        for tname in ("ndsb", "zoolake"):
-            t = load_taxonomy(tname)
-            for row in t.table.itertuples(index=False):
-                known.setdefault(row[3], (row[0], row[1], row[2]))
-        classes = sorted({c for _, c in self.files()})
-        return taxonomy_from_paths(self.name, {c: known.get(c, ("unknown", "unknown", "unknown")) for c in classes})
+        return taxonomy_from_paths(self.name, known_paths(sorted({c for _, c in self.files()})))
 
 
-@dataclass
-class EcoTaxaSource(Source):
-    """An EcoTaxa export: a TSV (img_file_name, object_annotation_category,
-    object_annotation_hierarchy) with the image files beside it."""
-
-    tsv: Path | None = None
-    _rows: list[dict] | None = field(default=None, repr=False)
-
-    def rows(self) -> list[dict]:
-        if self._rows is None:
-            with open(self.tsv, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f, delimiter="\t")
-                need = {"img_file_name", "object_annotation_category"}
-                if not need <= set(reader.fieldnames or []):
-                    raise DatasetNotFound(f"{self.tsv} is not an EcoTaxa export: it lacks columns {sorted(need)}")
-                rows = [r for r in reader if r["img_file_name"] and not r["img_file_name"].startswith("[")]
-            if not rows:
-                raise DatasetNotFound(f"{self.tsv} lists no images")
-            self._rows = rows
-        return self._rows
-
-    def files(self) -> list[tuple[str, str]]:
-        if self._files is None:
-            self._files = sorted((r["img_file_name"], r["object_annotation_category"]) for r in self.rows())
-        return self._files
-
-    def fingerprint(self) -> str:
-        st = self.tsv.stat()
-        return hashlib.sha256(f"ecotaxa|{self.tsv.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-    def _build_taxonomy(self) -> Taxonomy:
-        """living ← hierarchy root (living / not-living); group, subgroup ← ancestors of the category."""
-        paths = {}
-        for r in self.rows():
-            cat = r["object_annotation_category"]
-            hier = [h for h in (r.get("object_annotation_hierarchy") or "").split(">") if h]
-            if hier and hier[-1] == cat:
-                hier = hier[:-1]
-            root = hier[0].lower() if hier else "unknown"
-            living = "living" if root == "living" else ("non-living" if root in ("not-living", "non-living") else "unknown")
-            group = hier[min(len(hier) - 1, 2)] if len(hier) > 1 else living + " (other)"
-            sub = hier[-1] if len(hier) > 2 else group + " (other)"
-            paths.setdefault(cat, (living, group, sub))
-        return taxonomy_from_paths(self.name, paths)
+def known_paths(classes: list[str]) -> dict[str, tuple[str, str, str]]:
+    """{class: (living, group, subgroup)}: the NDSB / ZooLake path of a known class name, else unknown."""
+    known: dict[str, tuple[str, str, str]] = {}
+    for tname in ("ndsb", "zoolake"):
+        for row in load_taxonomy(tname).table.itertuples(index=False):
+            known.setdefault(row[3], (row[0], row[1], row[2]))
+    return {c: known.get(c, ("unknown", "unknown", "unknown")) for c in classes}
 
 
 def _locate(base: Path, archive: str, folder: str) -> tuple[Path, str] | None:
@@ -183,18 +139,15 @@ KNOWN = {
 def open_source(name: str, root: str | Path | None = None) -> Source:
     """Open a dataset by name ("ndsb", "zoolake") from ``root`` (default: :func:`datasets_root`).
 
-    For "imagefolder" pass the folder as ``root``; for "ecotaxa" pass the TSV file.
+    For "imagefolder" pass the folder as ``root``; for "ecotaxa" pass the TSV file or the bundle
+    (folder or zip). Both are read by :func:`data.collections_io.open_collection`.
     """
-    if name == "imagefolder" or (root is not None and name not in KNOWN and Path(root).is_dir()):
-        p = Path(root) if root else None
-        if p is None or not p.is_dir():
-            raise DatasetNotFound(f"ImageFolder path {root} is not a folder")
-        return Source(name if name != "imagefolder" else p.name, p, "", "L", 255)
-    if name == "ecotaxa" or (root is not None and str(root).endswith((".tsv", ".txt"))):
-        p = Path(root) if root else None
-        if p is None or not p.is_file():
-            raise DatasetNotFound(f"EcoTaxa export {root} is not a file")
-        return EcoTaxaSource(name if name != "ecotaxa" else p.stem, p.parent, "", "L", 255, tsv=p)
+    if name in ("imagefolder", "ecotaxa") or (root is not None and name not in KNOWN):
+        from .collections_io import open_collection
+
+        if root is None:
+            raise DatasetNotFound(f"{name}: pass the folder, zip or table to read as root")
+        return open_collection(root, None if name in ("imagefolder", "ecotaxa") else name)
     if name not in KNOWN:
         raise DatasetNotFound(f"unknown dataset {name!r}; known: {sorted(KNOWN)}, imagefolder, ecotaxa")
     sub, archive, folder, mode, bg = KNOWN[name]
