@@ -113,7 +113,7 @@ def known_paths(classes: list[str]) -> dict[str, tuple[str, str, str]]:
     for tname in ("ndsb", "zoolake"):
         for row in load_taxonomy(tname).table.itertuples(index=False):
             known.setdefault(row[3], (row[0], row[1], row[2]))
-    return {c: known.get(c, ("unknown", "unknown", "unknown")) for c in classes}
+    return {c: known.get(c, ("unknown", "unknown (group)", "unknown (subgroup)")) for c in classes}
 
 
 def _locate(base: Path, archive: str, folder: str) -> tuple[Path, str] | None:
