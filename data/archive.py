@@ -116,6 +116,10 @@ class FileTree:
                 if zkey is None:
                     s = os.stat(path)
                     key += f"|{rel}|{s.st_size}|{s.st_mtime_ns}"
+            for zkey, src in sorted(self._zips.items()):
+                if isinstance(src, Path):  # a zip inside the folder
+                    s = src.stat()
+                    key += f"|{zkey}|{s.st_size}|{s.st_mtime_ns}"
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def size(self, relpath: str) -> int:
