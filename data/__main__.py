@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{name}  ({d['path']})\n  cannot be read: {d['error']}")
             continue
         print(f"\n{name}  ({d['format']}: {d['path']})")
-        print(f"  images {d['images']:,}   classes {d['classes']}   taxonomy depth {d['taxonomy_depth']} (v{d['taxonomy_version']})")
+        print(f"  images {d['images']:,} ({d['labelled']:,} with a validated label)   classes {d['classes']}   "
+              f"taxonomy depth {d['taxonomy_depth']} (v{d['taxonomy_version']})   kind {d['kind']}"
+              + (f"   {d['problems']} problems (skipped or unreadable files)" if d["problems"] else ""))
         print("  classes per level: " + ", ".join(f"{k} {v}" for k, v in d["levels"].items()))
         print("  splits: " + ", ".join(f"{k} {v:,}" for k, v in d["splits"].items()))
         print(f"  images per class: {d['images_per_class']['min']}–{d['images_per_class']['max']}")

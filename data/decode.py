@@ -65,6 +65,7 @@ def decode_image(data: bytes, mode: str = "L", background: int = 255) -> Decoded
     """
     if mode not in ("L", "RGB"):
         raise ValueError(f"mode must be 'L' or 'RGB', not {mode!r}")
+    background = Background.of(background).level
     if data is None or len(data) == 0:
         raise ImageDecodeError("empty", "The file is empty (0 bytes): nothing to classify.")
     if len(data) > MAX_BYTES:
@@ -138,8 +139,9 @@ def decode_image(data: bytes, mode: str = "L", background: int = 255) -> Decoded
     return DecodedImage(im, (w, h), source_mode, tuple(notes))
 
 
-def fit_square(im: Image.Image, size: int, background: int = 255) -> Image.Image:
+def fit_square(im: Image.Image, size: int, background: "int | Background" = 255) -> Image.Image:
     """Resize so the longer side is ``size`` (aspect kept) and pad to a centred square."""
+    background = Background.of(background).level
     w, h = im.size
     scale = size / max(w, h)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))

@@ -5,6 +5,7 @@ import pandas as pd
 
 from .manifest import build_manifest
 from .sources import Source, available_sources
+from .folders import UNLABELLED
 from .taxonomy import LEVELS
 
 
@@ -16,6 +17,9 @@ def dataset_info(src: Source, progress: bool = False) -> dict:
         "path": str(src.root),
         "format": ("sample shipped with the project, " if src.sample else "") + ("zip" if src.is_zip else "folder"),
         "sample": bool(src.sample),
+        "kind": src.kind,
+        "labelled": int((df["class"] != UNLABELLED).sum()),
+        "problems": len(getattr(src, "problems", []) or []),
         "images": int(len(df)),
         "classes": int(df["class"].nunique()),
         "levels": {lvl: int(df[lvl].nunique()) for lvl in LEVELS},

@@ -13,7 +13,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from .decode import ImageDecodeError, load_for_model
+from .decode import ImageDecodeError, decode_image, load_for_model
 from .paths import cache_dir, writer_temp
 from .sources import Source
 from .splits import DEFAULT_SEED, stratified_split
@@ -28,21 +28,45 @@ def _manifest_path(src: Source, seed: int) -> Path:
 
 
 def build_manifest(src: Source, seed: int = DEFAULT_SEED, progress: bool = True, rebuild: bool = False) -> pd.DataFrame:
-    """The manifest of ``src``: cached on disk, rebuilt when the archive changes."""
+    """The manifest of ``src``: cached on disk, rebuilt when the archive changes.
+
+    A source with ``skip_unreadable`` (a biologist's collection, :mod:`data.collections_io`) has every
+    image decoded: unreadable ones are left out of the manifest and reported with ``src.report``.
+    Elsewhere an unreadable file stays in the index with size 0.
+    """
     path = _manifest_path(src, seed)
+    skip = getattr(src, "skip_unreadable", False)
     if path.exists() and not rebuild:
-        return pd.read_parquet(path)
+        df = pd.read_parquet(path)
+        if skip:
+            for rel in sorted({r for r, _ in src.files()} - set(df["relpath"])):
+                src.report(rel, "corrupt_image", f"{rel} cannot be read as an image; left out of the index")
+        return df
     tax = src.taxonomy()
     files = src.files()
     rows = []
     for relpath, cls in tqdm(files, desc=f"indexing {src.name}", disable=not progress, unit="img"):
-        data = src.read_bytes(relpath)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                w, h = Image.open(io.BytesIO(data)).size
-        except Exception:  # noqa: BLE001 - an unreadable file stays in the index with size 0
-            w, h = 0, 0
+            data = src.read_bytes(relpath)
+        except (OSError, ValueError) as e:
+            if not skip:
+                raise
+            src.report(relpath, "unreadable", f"{relpath} cannot be read ({e}); left out of the index")
+            continue
+        if skip:
+            try:
+                w, h = decode_image(data, mode=src.mode, background=src.background).original_size
+            except ImageDecodeError as e:
+                src.report(relpath, "corrupt_image", f"{relpath} cannot be read as an image ({e.message}); "
+                           "left out of the index")
+                continue
+        else:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    w, h = Image.open(io.BytesIO(data)).size
+            except Exception:  # noqa: BLE001 - an unreadable file stays in the index with size 0
+                w, h = 0, 0
         rows.append((relpath, cls, w, h, len(data)))
     df = pd.DataFrame(rows, columns=["relpath", "class", "width", "height", "bytes"])
     df.insert(1, "dataset", src.name)

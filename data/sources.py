@@ -1,11 +1,11 @@
-"""Readers for plankton datasets as published: NDSB, ZooLake, ImageFolder, EcoTaxa export.
+"""Readers for plankton datasets as published (NDSB, ZooLake); a biologist's own collections
+(ImageFolder, EcoTaxa bundles) are in :mod:`data.collections_io`.
 
 A :class:`Source` lists ``(relpath, class)`` pairs and reads the bytes of one file, from a zip
 archive (read in place, never extracted into the repository) or from a folder.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import threading
@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .decode import Background
 from .paths import datasets_root
 from .taxonomy import Taxonomy, load_taxonomy, taxonomy_from_paths
 
@@ -31,10 +32,10 @@ class Source:
     root: Path  # a .zip file or a folder
     prefix: str  # folder inside root that holds <class>/ folders ("train", "images", "")
     mode: str = "L"  # decode mode: NDSB stores 3 identical channels → "L"
-    background: int = 255  # 255 shadowgraph (white), 0 dark-field (black)
+    background: int | Background = 255  # 255 shadowgraph (white), 0 dark-field (black), or a collection's override
     taxonomy_name: str | None = None
     sample: bool = False  # the small sample shipped with the project (data/sample), not the full dataset
-    kind: str = "imagefolder"  # what the content is: "imagefolder", "ecotaxa-export", …
+    kind: str = "dataset"  # what the content is: "dataset" (NDSB, ZooLake), "imagefolder", "ecotaxa-export", …
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _files: list[tuple[str, str]] | None = field(default=None, repr=False)
     _taxonomy: Taxonomy | None = field(default=None, repr=False)
@@ -106,60 +107,16 @@ class Source:
     def _build_taxonomy(self) -> Taxonomy:
         if self.taxonomy_name:
             return load_taxonomy(self.taxonomy_name)
-        # ImageFolder: reuse a known taxonomy row when the class name is known, else "unknown".
-        known = {}
-        for tname in ("ndsb", "zoolake"):
-            t = load_taxonomy(tname)
-            for row in t.table.itertuples(index=False):
-                known.setdefault(row[3], (row[0], row[1], row[2]))
-        classes = sorted({c for _, c in self.files()})
-        return taxonomy_from_paths(self.name, {c: known.get(c, ("unknown", "unknown group", "unknown subgroup")) for c in classes})
+        return taxonomy_from_paths(self.name, known_paths(sorted({c for _, c in self.files()})))
 
 
-@dataclass
-class EcoTaxaSource(Source):
-    """An EcoTaxa export: a TSV (img_file_name, object_annotation_category,
-    object_annotation_hierarchy) with the image files beside it."""
-
-    tsv: Path | None = None
-    _rows: list[dict] | None = field(default=None, repr=False)
-
-    def rows(self) -> list[dict]:
-        if self._rows is None:
-            with open(self.tsv, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f, delimiter="\t")
-                need = {"img_file_name", "object_annotation_category"}
-                if not need <= set(reader.fieldnames or []):
-                    raise DatasetNotFound(f"{self.tsv} is not an EcoTaxa export: it lacks columns {sorted(need)}")
-                rows = [r for r in reader if r["img_file_name"] and not r["img_file_name"].startswith("[")]
-            if not rows:
-                raise DatasetNotFound(f"{self.tsv} lists no images")
-            self._rows = rows
-        return self._rows
-
-    def files(self) -> list[tuple[str, str]]:
-        if self._files is None:
-            self._files = sorted((r["img_file_name"], r["object_annotation_category"]) for r in self.rows())
-        return self._files
-
-    def fingerprint(self) -> str:
-        st = self.tsv.stat()
-        return hashlib.sha256(f"ecotaxa|{self.tsv.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-    def _build_taxonomy(self) -> Taxonomy:
-        """living ← hierarchy root (living / not-living); group, subgroup ← ancestors of the category."""
-        paths = {}
-        for r in self.rows():
-            cat = r["object_annotation_category"]
-            hier = [h for h in (r.get("object_annotation_hierarchy") or "").split(">") if h]
-            if hier and hier[-1] == cat:
-                hier = hier[:-1]
-            root = hier[0].lower() if hier else "unknown"
-            living = "living" if root == "living" else ("non-living" if root in ("not-living", "non-living") else "unknown")
-            group = hier[min(len(hier) - 1, 2)] if len(hier) > 1 else living + " (other)"
-            sub = hier[-1] if len(hier) > 2 else group + " (other)"
-            paths.setdefault(cat, (living, group, sub))
-        return taxonomy_from_paths(self.name, paths)
+def known_paths(classes: list[str]) -> dict[str, tuple[str, str, str]]:
+    """{class: (living, group, subgroup)}: the NDSB / ZooLake path of a known class name, else unknown."""
+    known: dict[str, tuple[str, str, str]] = {}
+    for tname in ("ndsb", "zoolake"):
+        for row in load_taxonomy(tname).table.itertuples(index=False):
+            known.setdefault(row[3], (row[0], row[1], row[2]))
+    return {c: known.get(c, ("unknown", "unknown (group)", "unknown (subgroup)")) for c in classes}
 
 
 def _locate(base: Path, archive: str, folder: str) -> tuple[Path, str] | None:
@@ -190,18 +147,15 @@ def open_source(name: str, root: str | Path | None = None) -> Source:
     """Open a dataset by name ("ndsb", "zoolake") from ``root`` (default: :func:`datasets_root`);
     without ``root``, NDSB falls back to the sample shipped in ``data/sample`` (``Source.sample``).
 
-    For "imagefolder" pass the folder as ``root``; for "ecotaxa" pass the TSV file.
+    For "imagefolder" pass the folder as ``root``; for "ecotaxa" pass the TSV file or the bundle
+    (folder or zip). Both are read by :func:`data.collections_io.open_collection`.
     """
-    if name == "imagefolder" or (root is not None and name not in KNOWN and Path(root).is_dir()):
-        p = Path(root) if root else None
-        if p is None or not p.is_dir():
-            raise DatasetNotFound(f"ImageFolder path {root} is not a folder")
-        return Source(name if name != "imagefolder" else p.name, p, "", "L", 255)
-    if name == "ecotaxa" or (root is not None and str(root).endswith((".tsv", ".txt"))):
-        p = Path(root) if root else None
-        if p is None or not p.is_file():
-            raise DatasetNotFound(f"EcoTaxa export {root} is not a file")
-        return EcoTaxaSource(name if name != "ecotaxa" else p.stem, p.parent, "", "L", 255, tsv=p)
+    if name in ("imagefolder", "ecotaxa") or (root is not None and name not in KNOWN):
+        from .collections_io import open_collection
+
+        if root is None:
+            raise DatasetNotFound(f"{name}: pass the folder, zip or table to read as root")
+        return open_collection(root, None if name in ("imagefolder", "ecotaxa") else name)
     if name not in KNOWN:
         from .collections import user_collections
 
@@ -225,25 +179,18 @@ def open_source(name: str, root: str | Path | None = None) -> Source:
 
 
 def open_path(name: str, path: Path, overrides: dict | None = None) -> Source:
-    """A user collection at ``path``, its format detected from the content: an EcoTaxa export
-    (a TSV with ``img_file_name`` and ``object_annotation_category`` beside its images) or an
-    ImageFolder (one folder per class). ``overrides`` may fix the background level / polarity."""
+    """A user collection at ``path`` (:func:`data.collections_io.open_collection`: its format
+    detected from the content), with the collection's ``overrides`` of the estimated background:
+    ``polarity`` ("dark-on-light" / "light-on-dark") and / or ``background`` (grey level)."""
+    from .collections_io import open_collection
+    from .decode import Background
+
+    src = open_collection(path, name)
     overrides = overrides or {}
-    bg = int(overrides.get("background", 255 if overrides.get("polarity", "dark-on-light") == "dark-on-light" else 0))
-    if path.is_dir():
-        tsvs = sorted(path.glob("*.tsv"))
-        for t in tsvs:
-            try:
-                head = t.open(encoding="utf-8", errors="replace").readline()
-            except OSError:
-                continue
-            if "img_file_name" in head and "object_annotation_category" in head:
-                return EcoTaxaSource(name, path, "", "L", bg, tsv=t, kind="ecotaxa-export")
-        src = Source(name, path, "", "L", bg, kind="imagefolder")
-        src.files()  # raises DatasetNotFound without <class>/<file> images
-        return src
-    raise DatasetNotFound(f"{path} is not a collection Plankton Lens can read: give a folder (an EcoTaxa export with "
-                          "its images, or one sub-folder of images per class).")
+    if "background" in overrides or "polarity" in overrides:
+        level = int(overrides.get("background", 255 if overrides.get("polarity", "dark-on-light") == "dark-on-light" else 0))
+        src.background = Background(level, overrides.get("polarity") or Background.of(level).polarity)
+    return src
 
 
 def available_sources(root: str | Path | None = None) -> dict[str, Source]:
