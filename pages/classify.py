@@ -52,6 +52,7 @@ class Loaded:
     notes: tuple[str, ...]
     truth: str | None = None  # true leaf class when known
     link: str | None = None  # deep-link value "<dataset>:<relpath>"
+    annotation: str | None = None  # e.g. EcoTaxa's (unvalidated) prediction
 
 
 # --- cached computations ---------------------------------------------------------------------
@@ -98,7 +99,8 @@ def _select(dataset: str, relpath: str) -> None:
 def _load_dataset_image(model, dataset: str, relpath: str) -> Loaded | None:
     """Decode a gallery image (with its ground truth), or show why it cannot be."""
     d = load_dataset_image(dataset, relpath, model.preprocessing["size"], DISPLAY_PX)
-    return None if d is None else Loaded(d.key, d.link, d.fg, d.display, d.notes, truth=d.truth, link=d.link)
+    return None if d is None else Loaded(d.key, d.link, d.fg, d.display, d.notes, truth=d.truth, link=d.link,
+                                         annotation=d.annotation)
 
 
 def _short(name: str, n: int = 14) -> str:
@@ -267,7 +269,9 @@ def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, 
                 st.markdown(":gray-badge[not in the model's taxonomy]")
             else:
                 st.markdown("#### —")
-                st.markdown(":gray-badge[unknown (uploaded image)]")
+                st.markdown(":gray-badge[no validated label]" if img.link else ":gray-badge[unknown (uploaded image)]")
+                if img.annotation:
+                    st.text(img.annotation)
         steps = []
         for lvl in model.levels:
             p = dict(pred.topk[lvl])[pred.path[lvl]]

@@ -15,6 +15,7 @@ import streamlit as st
 from PIL import Image
 
 from data.decode import ImageDecodeError, decode_image, fit_square, load_for_model
+from data.folders import UNLABELLED
 from data.manifest import build_manifest
 from data.sources import DatasetNotFound, Source, available_sources, open_source
 from models.checkpoint import CheckpointError
@@ -48,19 +49,44 @@ def zoo_table() -> list[dict]:
     return list_models()
 
 
-@st.cache_resource(show_spinner=False)
-def get_sources() -> dict[str, Source]:
+def _registry_stamp() -> int:
+    """Changes when a collection is added or removed (here, in another session, or by the CLI)."""
+    from data.collections import registry_path
+
+    try:
+        return registry_path().stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _sources(stamp: int) -> dict[str, Source]:
     return available_sources()
 
 
-@st.cache_resource(show_spinner=False)
-def get_source(name: str) -> Source:
+def get_sources() -> dict[str, Source]:
+    """The known datasets and the user's collections (opened once per registry version)."""
+    return _sources(_registry_stamp())
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _source(name: str, stamp: int) -> Source:
     return open_source(name)
 
 
-@st.cache_data(show_spinner="Indexing dataset (once)…")
-def get_manifest(name: str) -> pd.DataFrame:
+def get_source(name: str) -> Source:
+    return _source(name, _registry_stamp())
+
+
+@st.cache_data(show_spinner="Indexing dataset (once)…", max_entries=64)
+def _manifest(name: str, stamp: int) -> pd.DataFrame:
     return build_manifest(get_source(name), progress=False)
+
+
+def get_manifest(name: str) -> pd.DataFrame:
+    """The manifest of a dataset or collection (once per server and registry version; on disk,
+    :func:`data.manifest.build_manifest` rebuilds it when the files change)."""
+    return _manifest(name, _registry_stamp())
 
 
 def model_picker() -> str | None:
@@ -107,7 +133,8 @@ class DatasetImage:
     fg: np.ndarray  # uint8 model input (S, S), foreground polarity
     display: Image.Image  # square RGB image in its original polarity
     notes: tuple[str, ...]  # decoding notes
-    truth: str  # true leaf class
+    truth: str | None  # true leaf class (a validated label); None for an unlabelled image
+    annotation: str | None = None  # a collection's own label that is not ground truth, e.g. "EcoTaxa's prediction: X"
 
 
 def image_key(fg: np.ndarray) -> str:
@@ -139,7 +166,30 @@ def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 
         st.error(f"{relpath}: {getattr(e, 'message', e)}")
         return None
     disp = fit_square(dec.image, display_px, src.background).convert("RGB")
-    return DatasetImage(image_key(fg), f"{dataset}:{relpath}", fg, disp, tuple(dec.notes), str(row.iloc[0]["class"]))
+    cls = str(row.iloc[0]["class"])
+    return DatasetImage(image_key(fg), f"{dataset}:{relpath}", fg, disp, tuple(dec.notes),
+                        None if cls == UNLABELLED else cls, collection_annotation(dataset, relpath))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _metadata(dataset: str, stamp: int) -> pd.DataFrame | None:
+    src = get_source(dataset)
+    if not hasattr(src, "metadata"):
+        return None
+    return src.metadata().set_index("relpath")
+
+
+def collection_annotation(dataset: str, relpath: str) -> str | None:
+    """What a collection says of an image besides ground truth (an EcoTaxa category that is not
+    validated), as a sentence, or None."""
+    meta = _metadata(dataset, _registry_stamp())
+    if meta is None or relpath not in meta.index:
+        return None
+    r = meta.loc[relpath]
+    cat, status = str(r.get("category") or ""), str(r.get("status") or "")
+    if not cat or status == "validated":
+        return None
+    return f"EcoTaxa's prediction: {cat} ({status or 'no status'}, not ground truth)"
 # --- end of dataset images ----------------------------------------------------------------------
 
 

@@ -8,6 +8,8 @@ import streamlit as st
 from data.info import dataset_info, sunburst_frame
 from pages.common import dataset_missing_message, get_sources, zoo_table
 
+MAX_UPLOAD_MB = 200  # Streamlit's own upload limit (server.maxUploadSize)
+
 st.title("Plankton Lens")
 st.markdown(
     "Plankton Lens shows marine biologists **why** a deep model classified a plankton image: the "
@@ -71,6 +73,59 @@ def _add_model_form() -> None:
 
 _add_model_form()
 
+def _collections_section() -> None:
+    """The user's own collections: listed, added from a server path (under the allowed roots)
+    or an uploaded zip, removed (data.collections)."""
+    from data.collections import CollectionError, add_collection, remove_collection, user_collections
+    from data.paths import PathNotAllowed, under_allowed_root, user_data_dir, writer_temp
+
+    entries = user_collections()
+    if entries:
+        st.dataframe(pd.DataFrame([{"collection": n, "kind": e.get("kind"), "images": e.get("images"), "path": e["path"]}
+                                   for n, e in entries.items()]), hide_index=True, width="stretch")
+    with st.expander("Add a collection of your own images", icon=":material/add_photo_alternate:"):
+        st.caption("An EcoTaxa export or import bundle (folder or zip; UVP6 zips of zips too), a folder with one "
+                   "sub-folder of images per class, or a folder / zip of unlabelled images. The same as "
+                   "`python -m data add NAME PATH`.")
+        with st.form("add_collection"):
+            c = st.columns(2)
+            name = c[0].text_input("Name", key="col_name")
+            path = c[1].text_input("Path on the server", key="col_path")
+            upload = st.file_uploader(f"…or upload a zip (at most {MAX_UPLOAD_MB} MB)", type=["zip"], key="col_zip")
+            submitted = st.form_submit_button("Add collection")
+        if submitted:
+            try:
+                if upload is not None:
+                    if upload.size > MAX_UPLOAD_MB * 2**20:
+                        raise CollectionError(f"The zip is {upload.size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+                    folder = user_data_dir() / "collections"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    target = folder / f"{name.strip() or 'upload'}.zip"
+                    if target.exists():
+                        raise CollectionError(f"An uploaded collection named {name.strip()!r} exists already.")
+                    tmp = writer_temp(target)
+                    tmp.write_bytes(upload.getvalue())
+                    tmp.replace(target)
+                    try:
+                        e = add_collection(name.strip(), target)
+                    except CollectionError:
+                        target.unlink(missing_ok=True)
+                        raise
+                else:
+                    e = add_collection(name.strip(), under_allowed_root(path))
+            except (CollectionError, PathNotAllowed) as err:
+                st.error(str(err))
+            else:
+                st.success(f"Added the collection {name.strip()}: {e['kind']}, {e['images']:,} images. Pick it in "
+                           "the Classify & explain gallery.")
+    if entries:
+        c = st.columns([3, 1])
+        gone = c[0].selectbox("Remove a collection (its files stay)", [""] + list(entries), key="col_remove")
+        if c[1].button("Remove", key="col_remove_btn", disabled=not gone):
+            remove_collection(gone)
+            st.rerun()
+
+
 st.subheader("Datasets")
 sources = get_sources()
 if not sources:
@@ -92,6 +147,9 @@ else:
                           color="living", color_discrete_map={"living": "#0072B2", "non-living": "#E69F00", "unknown": "#999999"})
         fig.update_layout(height=620, margin=dict(t=10, l=10, r=10, b=10))
         st.plotly_chart(fig, width="stretch")
+
+st.subheader("Your collections")
+_collections_section()
 
 st.subheader("Pages")
 for f, title in [("pages/classify.py", "Classify & explain — per-level predictions and saliency maps"),
