@@ -342,7 +342,7 @@ def zoolake_images(size: int = 64, n: int | None = None) -> np.ndarray | None:
     from data.sources import DatasetNotFound, open_source
 
     from .ood import CONFIG
-    from .ood_benchmark import other_sample
+    from .ood_evaluation import other_sample
 
     try:
         src = open_source("zoolake")
