@@ -20,12 +20,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import publish  # noqa: E402
 from explain.clip import (DEFAULT_CLIP, KS, SET_LABELS, AnomalyScorer, auroc, default_clip_name, make_chimeras,  # noqa: E402
                           natural_images, store_benchmark, zoolake_images)
 from models.checkpoint import CheckpointError  # noqa: E402
 from models.clip_model import PlanktonClip, zero_shot_eval  # noqa: E402
 from models.handle import open_model  # noqa: E402
-from models.report import publish, write_results_section  # noqa: E402
+from models.report import write_results_section  # noqa: E402
 
 RESULTS = REPO / "docs" / "results.md"
 SECTION = "clip-benchmark"  # docs/results.md section, see models/report.py

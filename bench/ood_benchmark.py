@@ -20,9 +20,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import publish  # noqa: E402
 from explain.ood import CONFIG, ood_metrics, score_names  # noqa: E402
 from explain.ood_evaluation import Evaluation, evaluation, known_group_unknown  # noqa: E402
-from models.report import publish, write_results_section  # noqa: E402
+from models.report import write_results_section  # noqa: E402
 
 RESULTS = REPO / "docs" / "results.md"
 SECTION = "ood-benchmark"  # docs/results.md section, see models/report.py
