@@ -507,3 +507,21 @@ def test_benchmark_cli_json_shape(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not in the zoo" in bad.stderr and "Traceback" not in bad.stderr
 
+
+def test_nothing_below_bench_imports_it():
+    """Data flows one way: bench/ (benchmarks, result tables, their Markdown writers) may import
+    data/, models/, explain/ and pages/, never the other way round."""
+    import ast
+
+    files = [p for d in ("data", "models", "explain", "pages") for p in (REPO / d).rglob("*.py")]
+    files += [REPO / "app.py", REPO / "serve.py"]
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n == "bench" or n.startswith("bench.")]
+    assert not bad, bad
+    code = "import sys, explain.ood, explain.ood_evaluation, explain.clip; print(sorted(m for m in sys.modules if m.split('.')[0] == 'bench'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
