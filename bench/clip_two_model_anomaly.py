@@ -4,7 +4,7 @@
 
 The outlier-exposure fine-tune (ndsb-clip-oe) separates chimeras and natural images by MCM
 but its kNN part fell to chance, while the plain ndsb-clip's kNN part is strong on natural
-images. This scores the same sets as ``python -m explain.clip benchmark`` (known-class test
+images. This scores the same sets as ``python bench/clip_benchmark.py`` (known-class test
 images against 1,000 test chimeras, the scikit-image natural images, the ZooLake sample and the
 held-out taxa) with each model's MCM and kNN parts, z-scored on validation images and weighted
 by max(0, AUROC − 0.5) on chimeras of validation images, as the benchmark does, and prints the

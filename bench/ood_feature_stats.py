@@ -3,7 +3,7 @@
     python bench/ood_feature_stats.py [--model ndsb-bacnn] [--fit 6000]
 
 Issue 5's cross-instrument target (ZooLake vs. NDSB AUROC ≥ 98 %) is far from the scores of
-``python -m explain.ood benchmark`` (best 88.9 %, kNN on the embedding). Feature statistics of
+``python bench/ood_benchmark.py`` (best 88.9 %, kNN on the embedding). Feature statistics of
 shallow layers are known to separate covariate shift (Lee et al. 2018, multi-layer
 Mahalanobis), so this prints the AUROC of ZooLake (the benchmark's 2,000-image sample) against
 the NDSB test split for: each backbone stage's per-channel mean and standard deviation (kNN
@@ -29,7 +29,8 @@ from data.sources import open_source  # noqa: E402
 from explain.embeddings import dataset_manifest  # noqa: E402
 from explain.neighbours import build_index, knn_score, normalise  # noqa: E402
 from explain.ood import auroc  # noqa: E402
-from explain.ood_benchmark import CONFIG, other_sample  # noqa: E402
+from explain.ood import CONFIG  # noqa: E402
+from explain.ood_evaluation import other_sample  # noqa: E402
 from models.base import images_to_tensor  # noqa: E402
 from models.handle import open_model  # noqa: E402
 

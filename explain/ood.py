@@ -16,12 +16,12 @@ Metrics treat OOD images as positives for AUROC and AUPR. FPR95 follows the usua
 (Hendrycks et al. 2019; Sun et al. 2022): the threshold keeps 95 % of in-distribution images
 (TPR), and FPR is the share of OOD images that it keeps too.
 
-    python -m explain.ood benchmark --json     (see explain/ood_benchmark.py)
+The evaluation sets scored by the Anomalies page are built in explain/ood_evaluation.py; the
+benchmark over them is ``python bench/ood_benchmark.py --json``.
 """
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,13 +303,3 @@ def known_group_unknown_class(group_scores, leaf_scores, group_threshold: float,
     """Images whose group head is peaked (score ≤ its threshold) while the leaf head is flat
     (score > its threshold): the model knows the group but not the class."""
     return (np.asarray(group_scores) <= group_threshold) & (np.asarray(leaf_scores) > leaf_threshold)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .ood_benchmark import main as bench_main
-
-    return bench_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

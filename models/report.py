@@ -1,10 +1,10 @@
 """Writes generated sections of docs/results.md between ``<!-- BEGIN name -->`` / ``<!-- END name -->``
-markers, so each benchmark command updates its own table and leaves the rest of the file alone."""
+markers, so each command that reports results (``python -m models.evaluate --write-results``, the
+benchmarks in bench/, whose output goes through ``bench/report.py``) updates its own table and leaves
+the rest of the file alone."""
 from __future__ import annotations
 
-import json
 import re
-import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results.md"
@@ -20,11 +20,3 @@ def write_results_section(name: str, markdown: str, path: Path = RESULTS) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
-
-
-def publish(result: dict, section: str, markdown: str, *, as_json: bool, results_path: Path | None = RESULTS) -> None:
-    """What a benchmark command prints: its section written into docs/results.md (unless
-    ``results_path`` is None), then the result as JSON or the Markdown on stdout."""
-    if results_path is not None:
-        print(f"wrote {write_results_section(section, markdown, results_path)}", file=sys.stderr)
-    print(json.dumps(result, indent=1) if as_json else markdown)

@@ -5,7 +5,7 @@ I know". Histograms per taxonomic level of the chosen score for in-distribution 
 held-out classes, the other instrument (ZooLake for NDSB models) and known outliers; a
 threshold with live TPR / FPR / AUROC; the most anomalous images with links to the explain
 page and the neighbourhood view. All computation is in ``explain/ood.py`` and
-``explain/ood_benchmark.py``; this page caches and lays it out.
+``explain/ood_evaluation.py``; this page caches and lays it out.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 from data.decode import ImageDecodeError
 from data.sources import DatasetNotFound
 from explain.ood import CONFIG, auroc, fpr_at_tpr, is_log_probability, list_scores, rates_at, threshold_at_tpr
-from explain.ood_benchmark import (Evaluation, display_image, evaluation, group_level, is_evaluated, known_group_unknown,
+from explain.ood_evaluation import (Evaluation, display_image, evaluation, group_level, is_evaluated, known_group_unknown,
                                    most_anomalous, typical_index)
 from models.checkpoint import CheckpointError
 from pages.common import current_model, dataset_missing_message, run_with_progress, size_choice

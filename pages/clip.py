@@ -259,7 +259,7 @@ def _model_section(man: dict) -> None:
                                     "MCM": 100 * v["auroc_mcm"], "kNN": 100 * v["auroc_knn"]} for s, v in bench["anomaly"].items()]),
                      hide_index=True, column_config={c: st.column_config.NumberColumn(c, format="%.1f %%") for c in ("AUROC", "MCM", "kNN")})
     else:
-        st.caption("Anomaly AUROCs: run `python -m explain.clip benchmark` (results in docs/results.md).")
+        st.caption("Anomaly AUROCs: run `python bench/clip_benchmark.py` (results in docs/results.md).")
 
 
 # --- page ------------------------------------------------------------------------------------------

@@ -593,7 +593,7 @@ def test_anomaly_sets_and_scorer(tiny, images):
 
 
 def test_benchmark_json_shape_and_results_section(tiny, tmp_path):
-    from explain.clip import END, START, benchmark, write_results
+    from bench.clip_benchmark import END, START, benchmark, write_results
 
     res = benchmark("tiny-clip", n_chimeras=60, limit_per_class=3, n_zoolake=30)
     z = res["zero_shot"]
@@ -615,10 +615,10 @@ def test_benchmark_json_shape_and_results_section(tiny, tmp_path):
 
 
 def test_benchmark_command_compares_models(tiny, tmp_path, capsys):
-    from explain.clip import main
+    from bench.clip_benchmark import main
 
     md = tmp_path / "results.md"
-    assert main(["benchmark", "--model", "tiny-clip", "--compare", "tiny-clip", "--chimeras", "40", "--limit-per-class", "2",
+    assert main(["--model", "tiny-clip", "--compare", "tiny-clip", "--chimeras", "40", "--limit-per-class", "2",
                  "--zoolake", "20", "--json", "--results", str(md)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res["compared"]) == {"tiny-clip"} and {"zero_shot", "anomaly"} <= set(res["compared"]["tiny-clip"])

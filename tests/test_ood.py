@@ -134,7 +134,7 @@ def margin_score():
 
 def test_a_registered_score_reaches_the_benchmark(margin_score):
     from explain import ood
-    from explain.ood_benchmark import cross_dataset, leave_class_out, results_markdown
+    from bench.ood_benchmark import cross_dataset, leave_class_out, results_markdown
 
     assert margin_score in score_names("logits") and margin_score in ood.LOGIT_SCORES
     assert logit_score(np.array([[3.0, 1.0, 0.0]]), margin_score) == pytest.approx([-2.0])
@@ -400,7 +400,7 @@ def test_train_flag_records_options(tmp_path):
 
 # --- benchmark ---------------------------------------------------------------------------------
 def _fake_evaluation():
-    from explain.ood_benchmark import EvalSet, Evaluation
+    from explain.ood_evaluation import EvalSet, Evaluation
 
     rng = np.random.default_rng(0)
     levels = ("group", "class")
@@ -426,8 +426,8 @@ def _fake_evaluation():
 
 
 def test_benchmark_aggregation_on_a_hand_made_evaluation(tmp_path):
-    from explain.ood_benchmark import (cross_dataset, known_group_unknown, leave_class_out, model_info, most_anomalous,
-                                       results_markdown, targets, typical_index, write_results)
+    from bench.ood_benchmark import cross_dataset, leave_class_out, model_info, results_markdown, targets, write_results
+    from explain.ood_evaluation import known_group_unknown, most_anomalous, typical_index
 
     ev = _fake_evaluation()
     table, per_level = leave_class_out(ev)
@@ -463,7 +463,7 @@ def test_benchmark_aggregation_on_a_hand_made_evaluation(tmp_path):
 def test_targets_pair_the_flat_logit_model_with_the_right_baselines():
     """The bar is the best post-hoc score of any held-out model without the outlier term; the
     accuracy is compared with the model fine-tuned the same way without it."""
-    from explain.ood_benchmark import targets
+    from bench.ood_benchmark import targets
 
     def table(**aurocs):
         return {s: {"auroc_mean": aurocs.get(s, 0.5), "fpr95_mean": 0.5, "per_class": {}} for s in score_names()}
@@ -490,7 +490,7 @@ def test_benchmark_cli_json_shape(tmp_path):
     name = default_model_name()
     if name is None:
         pytest.skip("no model in the zoo")
-    out = subprocess.run([sys.executable, "-m", "explain.ood", "benchmark", "--json", "--models", name,
+    out = subprocess.run([sys.executable, "bench/ood_benchmark.py", "--json", "--models", name,
                           "--results", str(tmp_path / "results.md")], cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
@@ -503,6 +503,25 @@ def test_benchmark_cli_json_shape(tmp_path):
             assert 0 <= v["auroc_mean"] <= 1 and 0 <= v["fpr95_mean"] <= 1 and v["per_class"]
     assert r["sizes"][name]["ZooLake"] > 1000 and r["sizes"][name]["known outliers: chimera"] > 0
     assert "Out-of-distribution detection" in (tmp_path / "results.md").read_text()
-    bad = subprocess.run([sys.executable, "-m", "explain.ood", "benchmark", "--models", "no-such-model", "--no-write"],
+    bad = subprocess.run([sys.executable, "bench/ood_benchmark.py", "--models", "no-such-model", "--no-write"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "not in the zoo" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_nothing_below_bench_imports_it():
+    """Data flows one way: bench/ (benchmarks, result tables, their Markdown writers) may import
+    data/, models/, explain/ and pages/, never the other way round."""
+    import ast
+
+    files = [p for d in ("data", "models", "explain", "pages") for p in (REPO / d).rglob("*.py")]
+    files += [REPO / "app.py", REPO / "serve.py"]
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n == "bench" or n.startswith("bench.")]
+    assert not bad, bad
+    code = "import sys, explain.ood, explain.ood_evaluation, explain.clip; print(sorted(m for m in sys.modules if m.split('.')[0] == 'bench'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout

@@ -182,7 +182,7 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
 
     # A gallery image's "Explain" link opens the explain page on that image (the page's first
     # gallery image with a dataset link, recomputed here from the same cached evaluation).
-    from explain.ood_benchmark import evaluation, is_evaluated, most_anomalous
+    from explain.ood_evaluation import evaluation, is_evaluated, most_anomalous
     from pages.anomalies import QUICK, GALLERY_N
 
     name = default_model_name()
