@@ -70,13 +70,19 @@ def checked_path(path: str | Path) -> Path:
         raise CollectionError(f"The path cannot be used: {e.strerror or e}.") from None
 
 
+def check_name(name: str) -> str:
+    """``name`` when it can name a collection (and a file), else CollectionError."""
+    if not NAME_RE.match(name or "") or name in RESERVED:
+        raise CollectionError(f"{name!r} is not a usable collection name: letters, digits, '.', '_' and '-' "
+                              f"(at most 64), and none of {', '.join(RESERVED)}.")
+    return name
+
+
 def add_collection(name: str, path: str | Path, *, polarity: str | None = None, background: int | None = None) -> dict:
     """Register ``path`` as collection ``name`` (see the module docstring); returns its entry."""
     from .sources import DatasetNotFound, open_path
 
-    if not NAME_RE.match(name or "") or name in RESERVED:
-        raise CollectionError(f"{name!r} is not a usable collection name: letters, digits, '.', '_' and '-' "
-                              f"(at most 64), and none of {', '.join(RESERVED)}.")
+    check_name(name)
     if polarity is not None and polarity not in POLARITIES:
         raise CollectionError(f"polarity must be one of {', '.join(POLARITIES)}")
     if background is not None and not 0 <= int(background) <= 255:

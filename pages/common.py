@@ -187,7 +187,7 @@ def collection_annotation(dataset: str, relpath: str) -> str | None:
         return None
     r = meta.loc[relpath]
     cat, status = str(r.get("category") or ""), str(r.get("status") or "")
-    if not cat or status == "validated":
+    if not cat or cat == UNLABELLED or status == "validated":
         return None
     return f"EcoTaxa's prediction: {cat} ({status or 'no status'}, not ground truth)"
 # --- end of dataset images ----------------------------------------------------------------------

