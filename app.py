@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from pages.common import model_picker  # noqa: E402
+from pages.common import collection_picker, model_picker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -37,4 +37,5 @@ nav = st.navigation(pages)
 with st.sidebar:
     st.markdown("### Plankton Lens")
     model_picker()
+    collection_picker()
 nav.run()

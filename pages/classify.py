@@ -24,7 +24,7 @@ from explain.saliency import available_methods, get_method, is_signed, list_meth
 from models.base import images_to_tensor
 from models.train import predict_arrays
 from models.handle import open_model
-from pages.common import COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_model, gallery_sample, get_manifest, get_source, get_sources
+from pages.common import COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_collection, current_model, gallery_sample, get_manifest, get_source, get_sources
 from pages.common import explanation_attribution as _attr
 from pages.common import explanation_contrast as _contrast
 from pages.common import explanation_faithfulness as _faith
@@ -117,10 +117,10 @@ def _gallery(model, manifest: dict) -> Loaded | None:
     if not sources:
         st.warning("No dataset found, so there is no gallery; upload an image instead.")
         return None
-    names = list(sources)
-    default_ds = manifest.get("dataset") if manifest.get("dataset") in names else names[0]
+    ds = current_collection() or next(iter(sources))
     c = st.columns([1, 1, 1.4, 1.8, 1.3])
-    ds = c[0].selectbox("Dataset", names, index=names.index(default_ds), key="g_dataset")
+    c[0].caption("Images")
+    c[0].markdown(f"**{ds}**" + (" (sample)" if sources[ds].sample else ""), help="Choose the collection in the sidebar.")
     man = get_manifest(ds)
     split = c[1].selectbox("Split", ["test", "val", "train", "all"], key="g_split",
                            help="Test images were never seen in training.")

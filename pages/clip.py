@@ -22,7 +22,7 @@ from explain.saliency import available_methods, is_signed, list_methods
 from models.checkpoint import CheckpointError
 from models.handle import open_model
 from models.zoo import list_models
-from pages.common import MODEL_KEY, get_manifest, get_sources, load_dataset_image
+from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image
 from pages.common import image_key as _key
 
 CLIP_KEY = "clip_model_name"
@@ -123,9 +123,9 @@ def _pick(pc, man: dict) -> Picked | None:
         st.session_state.pop("clip_linked", None)
         return _from_upload(pc)
     sources = get_sources()
-    dataset = man.get("dataset", "ndsb")
+    dataset = current_collection()
     if dataset not in sources:
-        st.warning(f"The {dataset} dataset is not available here; upload an image instead.")
+        st.warning("No dataset or collection is available here; upload an image instead.")
         return None
     linked = st.session_state.get("clip_linked")
     if linked:

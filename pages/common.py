@@ -44,9 +44,28 @@ def _use_app_navigation() -> None:
 _use_app_navigation()
 
 
-@st.cache_data(ttl=60, show_spinner=False)
-def zoo_table() -> list[dict]:
+def _zoo_stamp() -> tuple:
+    """Changes when a model is added to, removed from or rewritten in a zoo folder (each write
+    replaces a file, which changes its folder's mtime)."""
+    from models.zoo import zoo_dirs
+
+    out = []
+    for d in zoo_dirs():
+        try:
+            out.append((str(d), d.stat().st_mtime_ns))
+        except OSError:
+            out.append((str(d), None))
+    return tuple(out)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _zoo_table(stamp: tuple) -> list[dict]:
     return list_models()
+
+
+def zoo_table() -> list[dict]:
+    """The zoo's entries (:func:`models.zoo.list_models`), read again whenever a zoo folder changes."""
+    return _zoo_table(_zoo_stamp())
 
 
 def _registry_stamp() -> int:
@@ -106,6 +125,36 @@ def model_picker() -> str | None:
         help="Models of the zoo (models/zoo); every page uses the one chosen here. A CLIP model classifies an "
              "image by its similarity to each class's text prompts.")
     return st.session_state[MODEL_KEY]
+
+
+COLLECTION_KEY = "collection"
+
+
+def collection_picker() -> str | None:
+    """Sidebar collection selector shared by every page (kept in ``st.session_state``): the known
+    datasets found and the user's collections (Home page, ``python -m data add``). The default is
+    the current model's own dataset."""
+    names = list(get_sources())
+    if not names:
+        return None
+    current = st.session_state.get(COLLECTION_KEY)
+    if current not in names:
+        model = st.session_state.get(MODEL_KEY) or default_model_name()
+        own = next((m.get("dataset") for m in zoo_table() if m["name"] == model and "error" not in m), None)
+        current = own if own in names else names[0]
+    sources = get_sources()
+    st.session_state[COLLECTION_KEY] = st.sidebar.selectbox(
+        "Images", names, index=names.index(current), key="_collection_select",
+        format_func=lambda n: f"{n} (sample)" if sources[n].sample else n,
+        help="The collection whose images the galleries show: NDSB, ZooLake, or one of your own (add it on the "
+             "Home page or with python -m data add NAME PATH).")
+    return st.session_state[COLLECTION_KEY]
+
+
+def current_collection() -> str | None:
+    """The collection chosen in the sidebar (None when there is none)."""
+    name = st.session_state.get(COLLECTION_KEY)
+    return name if name in get_sources() else (next(iter(get_sources()), None))
 
 
 def current_model() -> LensModel | None:

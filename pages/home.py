@@ -67,7 +67,6 @@ def _add_model_form() -> None:
         except (PathNotAllowed, ModelImportError) as e:
             st.error(str(e))
         else:
-            zoo_table.clear()
             st.success(f"Added {man['name']}: it is in the model picker of every page.")
 
 

@@ -99,8 +99,9 @@ def test_home_page_adds_collections_and_classify_shows_an_unlabelled_image(user_
     next(b for b in at.button if b.label == "Add collection").click()
     at.run()
     assert not at.exception and any("Added the collection zooscan" in s.value for s in at.success), [e.value for e in at.error]
+    at.session_state["collection"] = "zooscan"  # what the sidebar's "Images" picker stores
     at.switch_page("pages/classify.py").run()
-    at.selectbox(key="g_dataset").set_value("zooscan").run()
+    assert at.session_state["collection"] == "zooscan"
     at.selectbox(key="g_split").set_value("all").run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -137,7 +138,7 @@ def test_collections_added_in_a_browser(user_data, tmp_path, page):
         page.locator("[data-testid='stSidebar']").get_by_role("link", name="Classify & explain").click()
         wait_for_app(page, 300_000)
         page.screenshot(path=str(ARTIFACTS / "classify_user_collection_before.png"), full_page=True)
-        page.locator("[data-testid='stSelectbox']").filter(has=page.get_by_text("Dataset", exact=True)).click()
+        page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").filter(has=page.get_by_text("Images", exact=True)).click()
         page.get_by_role("option", name="cruise42").click()
         wait_for_app(page, 300_000)
         page.locator("[data-testid='stSelectbox']").filter(has=page.get_by_text("Split", exact=True)).click()
