@@ -27,7 +27,25 @@ def _have_datasets() -> bool:
     return "ndsb" in available_sources()
 
 
+def _have_full_ndsb() -> bool:
+    from data.sources import available_sources
+
+    src = available_sources().get("ndsb")
+    return src is not None and not src.sample
+
+
+def _have_zoolake() -> bool:
+    from data.sources import available_sources
+
+    return "zoolake" in available_sources()
+
+
+#: NDSB, the full archive or the sample shipped in data/sample (a fresh clone has the sample).
 requires_data = pytest.mark.skipif(not _have_datasets(), reason="NDSB dataset not found (set PLANKTON_DATASETS)")
+#: Tests whose figures or images need the full NDSB archive, not the shipped 10-per-class sample.
+requires_full_data = pytest.mark.skipif(not _have_full_ndsb(), reason="needs the full NDSB archive: only the sample "
+                                        "shipped in data/sample was found (set PLANKTON_DATASETS)")
+requires_zoolake = pytest.mark.skipif(not _have_zoolake(), reason="needs the ZooLake archive (set PLANKTON_DATASETS)")
 
 
 @pytest.fixture(scope="session")

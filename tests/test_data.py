@@ -18,12 +18,14 @@ from data.sources import DatasetNotFound, open_source
 from data.splits import heldout_classes, stratified_split
 from data.taxonomy import LEVELS, TaxonomyError, load_taxonomy, validate
 
-from .conftest import REPO, requires_data
+from .conftest import REPO, requires_data, requires_full_data, requires_zoolake
 
 pytestmark = requires_data
 
 
 # --- readers -----------------------------------------------------------------------------
+@requires_full_data
+@requires_zoolake
 def test_info_cli_reports_both_datasets():
     out = subprocess.run([sys.executable, "-m", "data", "info", "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -63,6 +65,7 @@ def test_ndsb_extracted_folder_reader(ndsb, ndsb_manifest, tmp_path):
     assert src.read_bytes(rows["relpath"].iloc[0]) == ndsb.read_bytes(rows["relpath"].iloc[0])
 
 
+@requires_zoolake
 def test_zoolake_zip_reader():
     src = open_source("zoolake")
     files = src.files()
@@ -110,7 +113,7 @@ def test_wrong_paths_give_clear_errors(tmp_path):
 
 
 # --- taxonomy ---------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["ndsb", "zoolake"])
+@pytest.mark.parametrize("name", ["ndsb", pytest.param("zoolake", marks=requires_zoolake)])
 def test_taxonomy_covers_every_class(name):
     src = open_source(name)
     tax = src.taxonomy()
@@ -271,7 +274,7 @@ def test_zip_member_missing(ndsb):
     assert zipfile.is_zipfile(ndsb.root)
 
 
-@requires_data
+@requires_zoolake
 def test_manifest_builds_concurrently_without_clashing(tmp_path, monkeypatch):
     """The server's warm-up thread and a first page run may build the same manifest at once."""
     from concurrent.futures import ThreadPoolExecutor
@@ -287,7 +290,7 @@ def test_manifest_builds_concurrently_without_clashing(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
-@requires_data
+@requires_zoolake
 def test_decoded_array_concurrent_builds_and_damaged_cache(tmp_path, monkeypatch):
     """Two threads decoding the same images at once both get them (each writes its own
     temporary file); a damaged or mis-sized cached array is decoded again, not returned."""

@@ -19,7 +19,7 @@ from models.train import augment, level_loss, loss_weights
 from models.handle import open_model
 from models.zoo import list_models
 
-from .conftest import REPO, requires_data
+from .conftest import REPO, requires_data, requires_full_data
 
 ARCHS = list_architectures()
 
@@ -268,7 +268,7 @@ def test_committed_zoo_models_load_and_are_small(entry):
     assert manifest["metrics"]["test"]["leaf"]["accuracy"] > 0.3  # a trained model, far above chance (1/121)
 
 
-@requires_data
+@requires_full_data
 @pytest.mark.skipif(not ZOO, reason="no committed zoo model")
 def test_evaluate_cli_json_shape():
     name = ZOO[0]["name"]

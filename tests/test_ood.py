@@ -20,7 +20,7 @@ from explain.ood import (auroc, aupr, energy, entropy, fit_mahalanobis, fpr_at_t
 from models.outlier_exposure import OE_KINDS, flat_logit_loss, frozen_norm, make_oe_term
 from models.outliers import CORRUPTIONS, adversarial, chimeras, corrupt, corruptions, hierarchical_ce, partners
 
-from .conftest import REPO, requires_data
+from .conftest import REPO, requires_data, requires_full_data, requires_zoolake
 
 
 # --- scores on hand-made logits ----------------------------------------------------------------
@@ -307,7 +307,7 @@ def _tiny_real_subset(n_per_class: int = 2, classes: int = 24):
     return sub, np.array(decoded_array(src, sub, 64, progress=False))
 
 
-@requires_data
+@requires_full_data
 def test_outlier_term_raises_flatness_on_chimeras():
     """A few fine-tuning steps with the flat-logit term on real NDSB images make chimeras'
     leaf logits flatter than the same steps without it."""
@@ -483,7 +483,8 @@ def test_targets_pair_the_flat_logit_model_with_the_right_baselines():
     assert t["accuracy_within_1_point"]
 
 
-@requires_data
+@requires_full_data
+@requires_zoolake
 def test_benchmark_cli_json_shape(tmp_path):
     from models.zoo import default_model_name
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ARTIFACTS, REPO, assert_no_streamlit_errors, requires_data, run_streamlit_server, wait_for_app
+from tests.conftest import (ARTIFACTS, REPO, assert_no_streamlit_errors, requires_data, requires_full_data,
+                            run_streamlit_server, wait_for_app)
 from tests.test_clip import train_tiny
 
 pytestmark = requires_data
@@ -105,6 +106,7 @@ def test_page_sections_and_inputs(clip_zoo):
     assert list(z[""]) == ["top-1", "top-2", "top-5", "top-10"]
 
 
+@requires_full_data  # its links name images of the full archive
 def test_deep_link_and_bad_links(clip_zoo):
     at = _app()
     at.switch_page("pages/clip.py")
@@ -164,6 +166,7 @@ def _watch(page, base: str) -> list[str]:
     return expected
 
 
+@requires_full_data  # its deep link names an image of the full archive
 def test_page_in_a_browser(clip_server, page):
     probes = _watch(page, clip_server)
     # The server's first run must be app.py (st.navigation); then the deep link.
