@@ -59,7 +59,7 @@ def check_path(path: str | Path) -> Path:
     except OSError as e:
         raise CollectionError(f"{str(p)[:200]} cannot be opened: {e.strerror or e}") from None
     if not exists:
-        raise DatasetNotFound(f"{p} not found: no such file or folder")
+        raise DatasetNotFound(f"{p} does not exist (no such file or folder).")
     return p
 
 

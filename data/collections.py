@@ -20,16 +20,14 @@ import re
 import threading
 from pathlib import Path
 
+from .archive import CollectionError, check_path
 from .paths import user_data_dir, writer_temp
+from .sources import DatasetNotFound
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 RESERVED = ("ndsb", "zoolake", "imagefolder", "ecotaxa")
 POLARITIES = ("dark-on-light", "light-on-dark")
 _LOCK = threading.Lock()
-
-
-class CollectionError(ValueError):
-    """A collection that cannot be registered or opened; the message says why."""
 
 
 def registry_path() -> Path:
@@ -59,17 +57,6 @@ def user_collections() -> dict[str, dict]:
     return _read()
 
 
-def checked_path(path: str | Path) -> Path:
-    """``path`` resolved, or CollectionError (missing, unreadable, a name part over 255 characters)."""
-    try:
-        p = Path(str(path)).expanduser()
-        if not p.exists():
-            raise CollectionError(f"The path {str(path)!r} does not exist.")
-        return p.resolve()
-    except OSError as e:
-        raise CollectionError(f"The path cannot be used: {e.strerror or e}.") from None
-
-
 def check_name(name: str) -> str:
     """``name`` when it can name a collection (and a file), else CollectionError."""
     if not NAME_RE.match(name or "") or name in RESERVED:
@@ -80,14 +67,17 @@ def check_name(name: str) -> str:
 
 def add_collection(name: str, path: str | Path, *, polarity: str | None = None, background: int | None = None) -> dict:
     """Register ``path`` as collection ``name`` (see the module docstring); returns its entry."""
-    from .sources import DatasetNotFound, open_path
+    from .sources import open_path
 
     check_name(name)
     if polarity is not None and polarity not in POLARITIES:
         raise CollectionError(f"polarity must be one of {', '.join(POLARITIES)}")
     if background is not None and not 0 <= int(background) <= 255:
         raise CollectionError("background must be a grey level from 0 to 255")
-    p = checked_path(path)
+    try:
+        p = check_path(path).resolve()
+    except (DatasetNotFound, OSError) as e:  # CollectionError is a DatasetNotFound
+        raise CollectionError(str(e)) from None
     overrides = {k: v for k, v in (("polarity", polarity), ("background", background)) if v is not None}
     from .taxonomy import TaxonomyError
 

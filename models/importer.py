@@ -21,7 +21,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from data.archive import check_path
 from data.paths import writer_temp
+from data.sources import DatasetNotFound
 from data.taxonomy import (LEVELS, Taxonomy, TaxonomyError, load_taxonomy, taxonomy_from_hierarchies,
                            taxonomy_from_table)
 
@@ -36,14 +38,11 @@ KNOWN_TAXONOMIES = ("ndsb", "zoolake")
 
 # --- paths ----------------------------------------------------------------------------------------
 def checked_path(path: str | Path, what: str = "model") -> Path:
-    """``path`` resolved, or a ModelImportError that says why it cannot be used."""
+    """``path`` resolved (:func:`data.archive.check_path`), or a ModelImportError that says why not."""
     try:
-        p = Path(str(path)).expanduser()
-        if not p.exists():
-            raise ModelImportError(f"The {what} path {str(path)!r} does not exist.")
-        return p.resolve()
-    except OSError as e:
-        raise ModelImportError(f"The {what} path cannot be used: {e.strerror or e}.") from None
+        return check_path(path).resolve()
+    except (DatasetNotFound, OSError) as e:
+        raise ModelImportError(f"The {what} path cannot be used: {e}") from None
 
 
 # --- classes and taxonomy -------------------------------------------------------------------------

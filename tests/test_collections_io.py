@@ -347,7 +347,7 @@ def test_unsafe_member_names_refused(tmp_path):
 
 
 def test_bad_paths(tmp_path):
-    with pytest.raises(DatasetNotFound, match="not found"):
+    with pytest.raises(DatasetNotFound, match="does not exist"):
         open_collection(tmp_path / "nope")
     with pytest.raises(CollectionError, match="255"):
         detect_collection(tmp_path / ("y" * 300) / "bundle")

@@ -68,7 +68,7 @@ def test_bad_collections_are_refused_with_a_message(user_data):
     cases = [(("add", "x", str(user_data / "missing")), "does not exist"),
              (("add", "ndsb", str(user_data)), "not a usable collection name"),
              (("add", "../up", str(user_data)), "not a usable collection name"),
-             (("add", "x", "/tmp/" + "d" * 300), "cannot be used"),
+             (("add", "x", "/tmp/" + "d" * 300), "is 300 characters long"),
              (("add", "x", str(user_data / "notes")), "cannot be used as a collection"),
              (("remove", "nothing"), "No user collection named 'nothing'")]
     for argv, message in cases:
