@@ -123,6 +123,25 @@ def wait_for_app(pg, timeout_ms: int = 60_000) -> None:
     pg.wait_for_timeout(500)
 
 
+def explain_with_model(pg, url: str, option: str, expect: str | None = None) -> None:
+    """Open the app, pick ``option`` in the sidebar's model picker, open Classify & explain and
+    wait until every level's map is drawn (``expect``: a text to wait for first); then check the
+    predictions and maps are on screen (image, map and one map per level)."""
+    pg.goto(url, timeout=120_000)
+    wait_for_app(pg, 180_000)
+    pg.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").first.click()
+    pg.get_by_role("option", name=option).click()
+    wait_for_app(pg, 120_000)
+    pg.locator("[data-testid='stSidebar']").get_by_role("link", name="Classify & explain").click()
+    wait_for_app(pg, 300_000)
+    if expect:
+        pg.get_by_text(expect).wait_for(timeout=180_000)
+    pg.get_by_text("Integrated Gradients at every level").wait_for(timeout=300_000)
+    wait_for_app(pg, 300_000)
+    assert pg.get_by_text("Predicted class").is_visible()
+    assert pg.locator("[data-testid='stImage']").count() >= 6
+
+
 def assert_no_streamlit_errors(pg) -> None:
     exc = pg.locator("[data-testid='stException']")
     assert exc.count() == 0, f"Streamlit exception on page: {exc.first.inner_text()[:2000]}"

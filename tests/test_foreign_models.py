@@ -317,22 +317,12 @@ def test_clip_checkpoint_added_and_on_the_clip_page(byo, tmp_path):
 def test_imported_vit_on_the_classify_page_in_a_browser(byo, page):
     """Pick the imported ViT in the sidebar of a live server; Classify & explain shows its
     predictions and a map per level, with no exception or console error."""
-    from tests.conftest import ARTIFACTS, run_streamlit_server, wait_for_app
+    from tests.conftest import ARTIFACTS, explain_with_model, run_streamlit_server
     from tests.test_page_clip import _no_errors, _watch
 
     with run_streamlit_server("streamlit-byo.log", env={"PLANKTON_LENS_ZOO": str(byo["zoo"])}, script="app.py") as url:
         probes = _watch(page, url)
-        page.goto(url, timeout=120_000)
-        wait_for_app(page, 180_000)
-        page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").first.click()
-        page.get_by_role("option", name="byo-vit").click()
-        wait_for_app(page, 120_000)
-        page.locator("[data-testid='stSidebar']").get_by_role("link", name="Classify & explain").click()
-        wait_for_app(page, 300_000)
-        page.get_by_text("Integrated Gradients at every level").wait_for(timeout=300_000)
-        wait_for_app(page, 300_000)
-        assert page.get_by_text("Predicted class").is_visible()
-        assert page.locator("[data-testid='stImage']").count() >= 6  # image, map and one map per level
+        explain_with_model(page, url, "byo-vit")
         _no_errors(page, probes)
         page.screenshot(path=str(ARTIFACTS / "classify_byo_vit.png"), full_page=True)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (ARTIFACTS, REPO, assert_no_streamlit_errors, requires_data, requires_full_data,
-                            run_streamlit_server, wait_for_app)
+from tests.conftest import (ARTIFACTS, REPO, assert_no_streamlit_errors, explain_with_model, requires_data,
+                            requires_full_data, run_streamlit_server, wait_for_app)
 from tests.test_clip import train_tiny
 
 pytestmark = requires_data
@@ -280,17 +280,6 @@ def test_other_pages_with_the_clip_model(clip_zoo, tmp_path, monkeypatch):
 def test_clip_model_on_the_explain_page_in_a_browser(clip_server, page):
     """Pick the CLIP model in the sidebar, open Classify & explain: predictions and maps, no error."""
     probes = _watch(page, clip_server)
-    page.goto(clip_server, timeout=120_000)
-    wait_for_app(page, 180_000)
-    page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").first.click()
-    page.get_by_role("option", name="ndsb-clip (CLIP)").click()
-    wait_for_app(page, 120_000)
-    page.locator("[data-testid='stSidebar']").get_by_role("link", name="Classify & explain").click()
-    wait_for_app(page, 300_000)
-    page.get_by_text("CLIP model used as a classifier").wait_for(timeout=180_000)
-    page.get_by_text("Integrated Gradients at every level").wait_for(timeout=300_000)
-    wait_for_app(page, 300_000)
-    assert page.get_by_text("Predicted class").is_visible()
-    assert page.locator("[data-testid='stImage']").count() >= 6  # image, map and one map per level
+    explain_with_model(page, clip_server, "ndsb-clip (CLIP)", expect="CLIP model used as a classifier")
     _no_errors(page, probes)
     page.screenshot(path=str(ARTIFACTS / "classify_clip_model.png"), full_page=True)
