@@ -44,7 +44,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 def _image(model):
     """A real NDSB test image as the model's input tensor, and its deep-link id."""
-    from data.decode import load_for_model
+    from data.decode import keeps_colour, load_for_model
     from data.manifest import build_manifest
     from data.sources import open_source
     from models.base import images_to_tensor
@@ -52,7 +52,8 @@ def _image(model):
     src = open_source("ndsb")
     man = build_manifest(src, progress=False)
     rel = man.loc[man["split"] == "test", "relpath"].iloc[0]
-    fg, _, _ = load_for_model(src.read_bytes(rel), model.preprocessing["size"], mode=src.mode, background=src.background)
+    fg, _, _ = load_for_model(src.read_bytes(rel), model.preprocessing["size"], mode=src.mode, background=src.background,
+                              colour=keeps_colour(model.preprocessing, src.mode))
     return images_to_tensor(fg), f"ndsb:{rel}"
 
 

@@ -189,11 +189,12 @@ def estimate_background(im: Image.Image) -> Background:
 
 
 def to_foreground(square: Image.Image, background: Background | int) -> np.ndarray:
-    """uint8 grayscale array where 0 is background and 255 the strongest signal: the contrast to
-    the background level, on the organisms' side, stretched to the full range (for a white or
-    black background this is the plain inversion or the image itself)."""
+    """uint8 array where 0 is background and 255 the strongest signal: the contrast to the
+    background level, on the organisms' side, stretched to the full range (for a white or black
+    background this is the plain inversion or the image itself). Grey (S, S) for an "L" image,
+    per channel (S, S, 3) for an "RGB" one (a model that keeps colour)."""
     bg = Background.of(background)
-    a = np.asarray(square.convert("L"), dtype=np.float32)
+    a = np.asarray(square if square.mode == "RGB" else square.convert("L"), dtype=np.float32)
     if bg.polarity == "dark-on-light":
         out = (bg.level - a) * (255.0 / max(bg.level, 1))
     else:
@@ -214,7 +215,7 @@ def crop_aspect(im: Image.Image, background: Background, max_aspect: float) -> t
     if short == 0 or long_ / short <= max_aspect:
         return im, None
     keep = int(round(max_aspect * short))
-    fg = to_foreground(im, background).astype(np.float64)
+    fg = to_foreground(im.convert("L"), background).astype(np.float64)
     profile = fg.sum(0 if w > h else 1)
     centre = float((profile * np.arange(len(profile))).sum() / profile.sum()) if profile.sum() > 0 else long_ / 2
     start = int(min(max(0, round(centre - keep / 2)), long_ - keep))
@@ -223,9 +224,17 @@ def crop_aspect(im: Image.Image, background: Background, max_aspect: float) -> t
                           "organism is shown to the model, so that it is not shrunk to a few pixels")
 
 
+def keeps_colour(preprocessing: dict, source_mode: str = "RGB") -> bool:
+    """Whether a model's input keeps an image's colour: a 3-channel model that asks for it
+    (``preprocessing["colour"]``, models imported with ``python -m models add``) reading colour
+    images; every other model (and a grey source) gets the grey foreground, replicated to its
+    channels by its normalisation."""
+    return int(preprocessing.get("channels", 1)) == 3 and bool(preprocessing.get("colour")) and source_mode == "RGB"
+
+
 def load_for_model(
     data: bytes, size: int, mode: str = "L", background: Background | int | None = None,
-    max_aspect: float | None = None,
+    max_aspect: float | None = None, colour: bool = False,
 ) -> tuple[np.ndarray, DecodedImage, Image.Image]:
     """Decode bytes into the model's input: a ``size``×``size`` uint8 foreground array
     (0 = background, see :func:`to_foreground`), plus the decode info and the padded square
@@ -235,8 +244,12 @@ def load_for_model(
     :class:`Background`); None estimates level and polarity from the image border, as for an
     upload of unknown origin. ``max_aspect`` (uploads, user collections) crops images more
     elongated than that (:func:`crop_aspect`); the datasets the models were trained on pass None.
+    ``colour`` (see :func:`keeps_colour`) decodes in colour and gives an (S, S, 3) foreground.
     """
+    mode = "RGB" if colour else mode
     dec = decode_image(data, mode=mode, background=255 if background is None else Background.of(background).level)
+    if colour:  # the colour is kept: no "converted to grey" note
+        dec = DecodedImage(dec.image, dec.original_size, dec.source_mode, tuple(n for n in dec.notes if "to grey" not in n))
     bg = estimate_background(dec.image) if background is None else Background.of(background)
     image = dec.image
     if max_aspect:

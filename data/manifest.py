@@ -85,26 +85,29 @@ def build_manifest(src: Source, seed: int = DEFAULT_SEED, progress: bool = True,
     return df
 
 
-def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool = True) -> np.ndarray:
-    """All manifest images as one uint8 array (N, size, size), foreground polarity (0 = background).
+def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool = True,
+                  colour: bool = False) -> np.ndarray:
+    """All manifest images as one uint8 array (N, size, size), foreground polarity (0 = background);
+    (N, size, size, 3) with ``colour`` (:func:`data.decode.keeps_colour`).
 
     Cached on disk as .npy (memory-mapped on reuse), so training and batch inference decode
     each image once. Unreadable images become blank frames (and are reported).
     """
-    key = f"{src.name}-{src.fingerprint()}-n{len(manifest)}-{pd.util.hash_pandas_object(manifest['relpath']).sum() & 0xFFFFFFFF:x}-{size}"
+    key = f"{src.name}-{src.fingerprint()}-n{len(manifest)}-{pd.util.hash_pandas_object(manifest['relpath']).sum() & 0xFFFFFFFF:x}-{size}" + ("-rgb" if colour else "")
+    shape = (len(manifest), size, size, 3) if colour else (len(manifest), size, size)
     path = cache_dir() / "arrays" / f"{key}.npy"
     if path.exists():
         try:
             arr = np.load(path, mmap_mode="r")
-            if arr.shape == (len(manifest), size, size) and arr.dtype == np.uint8:
+            if arr.shape == shape and arr.dtype == np.uint8:
                 return arr
         except (OSError, ValueError, EOFError):
             pass  # damaged (a disk error, a hand edit): decoded again below
-    out = np.zeros((len(manifest), size, size), dtype=np.uint8)
+    out = np.zeros(shape, dtype=np.uint8)
     bad = 0
     for i, rel in enumerate(tqdm(manifest["relpath"], desc=f"decoding {src.name} @{size}px", disable=not progress, unit="img")):
         try:
-            out[i], _, _ = load_for_model(src.read_bytes(rel), size, mode=src.mode, background=src.background)
+            out[i], _, _ = load_for_model(src.read_bytes(rel), size, mode=src.mode, background=src.background, colour=colour)
         except ImageDecodeError:
             bad += 1
     if bad:

@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from data.decode import keeps_colour
 from data.manifest import build_manifest, decoded_array
 from data.paths import cache_dir, writer_temp
 from data.sources import Source, open_source
@@ -160,7 +161,8 @@ def split_outputs(model_name: str, dataset: str, split: str | None = None, progr
         t0 = time.time()
         if on_progress:
             on_progress(0.0, f"decoding {len(rows):,} {dataset} images")
-        images = decoded_array(src, rows, int(model.preprocessing["size"]), progress=progress)
+        images = decoded_array(src, rows, int(model.preprocessing["size"]), progress=progress,
+                               colour=keeps_colour(model.preprocessing, src.mode))
         emb, logits = compute_outputs(model, images, progress=progress, on_progress=on_progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = writer_temp(path)

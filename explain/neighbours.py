@@ -305,12 +305,12 @@ def batch_vote(gallery: Gallery, ids: np.ndarray, level: str) -> tuple[np.ndarra
 
 def embed_bytes(model, data: bytes, background: int | None = None) -> np.ndarray:
     """Embedding (D,) of one image file's bytes (raises ``data.decode.ImageDecodeError`` on bad input)."""
-    from data.decode import MAX_ASPECT, load_for_model
+    from data.decode import MAX_ASPECT, keeps_colour, load_for_model
 
     from .embeddings import compute_embeddings
 
     arr, _, _ = load_for_model(data, int(model.preprocessing["size"]), mode="L", background=background,
-                               max_aspect=MAX_ASPECT if background is None else None)
+                               max_aspect=MAX_ASPECT if background is None else None, colour=keeps_colour(model.preprocessing))
     return compute_embeddings(model, arr[None])[0]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.decode import keeps_colour
 from data.manifest import build_manifest, decoded_array
 from data.paths import cache_dir, writer_temp
 from data.sources import open_source
@@ -188,7 +189,8 @@ def _extra_sets(model: HierarchicalClassifier, man: dict, model_name: str, id_im
             try:
                 osrc = open_source(other)
                 orows = other_sample(build_manifest(osrc, progress=False), size["other_sample"], size["other_per_class"])
-                oimg = decoded_array(osrc, orows, int(model.preprocessing["size"]), progress=progress)
+                oimg = decoded_array(osrc, orows, int(model.preprocessing["size"]), progress=progress,
+                                     colour=keeps_colour(model.preprocessing, osrc.mode))
                 emb, lg = _forward(model, oimg)
                 arrays.update({"other_relpath": orows["relpath"].to_numpy().astype(str), "other_class": orows["class"].to_numpy().astype(str),
                                "other_emb": emb, **{f"other_logits_{k}": v for k, v in lg.items()}})
@@ -251,7 +253,8 @@ def evaluation(model_name: str, limit_per_class: int | None = None, progress: bo
     src, full_rows = dataset_manifest(dataset, man, limit_per_class)
     if on_progress:
         on_progress(0.9, "the other instrument's sample and known outliers")
-    images = decoded_array(src, full_rows, int(model.preprocessing["size"]), progress=progress)
+    images = decoded_array(src, full_rows, int(model.preprocessing["size"]), progress=progress,
+                           colour=keeps_colour(model.preprocessing, src.mode))
     id_idx = np.flatnonzero(test)
     sets.update(_extra_sets(model, man, model_name, np.asarray(images[id_idx]), rows.iloc[id_idx].reset_index(drop=True), progress,
                             limit_per_class))

@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--size", type=int, help="input size in pixels (default: the folder's config, else 224)")
     a.add_argument("--mean", type=_floats, help="per-channel mean, e.g. '0.485 0.456 0.406' (default ImageNet)")
     a.add_argument("--std", type=_floats, help="per-channel std (default ImageNet)")
-    a.add_argument("--polarity", choices=("dark-on-light", "foreground"),
-                   help="what the model was trained on: dark organisms on a light background (default, as most "
-                        "imagers record them) or the project's foreground arrays (0 = background)")
+    a.add_argument("--polarity", choices=("dark-on-light", "light-on-dark"),
+                   help="what the model was trained on: dark organisms on a light background (default: ZooScan, "
+                        "ISIIS, FlowCam) or light ones on a dark background (dark-field: UVP, ZooLake); every "
+                        "image is shown to it in that polarity, whatever its instrument")
     a.add_argument("--layer", help="module name GradCAM should target (default: found automatically)")
     a.add_argument("--trust-pickle", action="store_true",
                    help="allow a whole model saved with torch.save (unpickling runs code from the file: only for files you trust)")

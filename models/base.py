@@ -97,8 +97,12 @@ class LevelOutput(nn.Module):
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, S, S) or (S, S) foreground arrays → float tensor (N, 1, S, S) in [0, 1]."""
+    """uint8 foreground arrays → float tensor in [0, 1]: grey (N, S, S) or (S, S) → (N, 1, S, S);
+    colour (N, S, S, 3) or (S, S, 3) (for a model that keeps colour) → (N, 3, S, S)."""
     a = np.asarray(images)
+    if a.ndim == 3 and a.shape[-1] == 3 and a.shape[0] == a.shape[1] != 3:
+        a = a[None]  # one colour image
     if a.ndim == 2:
         a = a[None]
-    return torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0).unsqueeze(1)
+    t = torch.from_numpy(np.ascontiguousarray(a)).float().div_(255.0)
+    return t.permute(0, 3, 1, 2).contiguous() if t.ndim == 4 else t.unsqueeze(1)

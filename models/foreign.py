@@ -26,9 +26,11 @@ from .checkpoint import CheckpointError, sha256_file
 
 IMPORT_FORMAT = "plankton-lens-import/1"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-#: Polarities an imported model can expect: the project's own (0 = background), or the image as
-#: most plankton imagers record it (dark organism on a light background, as EcoTaxa vignettes).
-POLARITIES = ("dark-on-light", "foreground")
+#: What an imported model was trained on: dark organisms on a light background (ZooScan, ISIIS,
+#: FlowCam, EcoTaxa vignettes) or light organisms on a dark background (dark-field: UVP, ZooLake;
+#: the project's own foreground arrays). Every image, whatever its instrument, is given to the
+#: model in its polarity: the foreground (0 = background), inverted for "dark-on-light".
+POLARITIES = ("dark-on-light", "light-on-dark")
 
 
 class ModelImportError(ValueError):

@@ -251,7 +251,8 @@ def add_model(path: str | Path, name: str, *, arch: str | None = None, classes: 
         mean, std = [sum(mean) / 3], [sum(std) / 3]
     if len(mean) != in_chans or len(std) != in_chans:
         raise ModelImportError(f"--mean and --std need {in_chans} values (one per input channel).")
-    pp = {"size": size, "channels": in_chans, "polarity": polarity or "dark-on-light", "mean": mean, "std": std,
+    pp = {"size": size, "channels": in_chans, "colour": in_chans == 3, "polarity": polarity or "dark-on-light",
+          "mean": mean, "std": std,
           "resize": "fit (longer side to size, aspect kept, padded with the background)"}
     config = {"preprocessing": pp, "gradcam_layer_name": layer, "head_classes": class_list}
     model = _check_runs(net, tax, config, len(class_list))

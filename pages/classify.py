@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, load_for_model
+from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, keeps_colour, load_for_model
 from data.manifest import decoded_array
 from explain import export
 from explain.faithfulness import randomisation_check
@@ -62,7 +62,8 @@ def _subset_predictions(model_name: str, sha: str, dataset: str, relpaths: tuple
     model = open_model(model_name).classifier
     man = get_manifest(dataset)
     sub = man.set_index("relpath").loc[list(relpaths)].reset_index()
-    arr = decoded_array(get_source(dataset), sub, model.preprocessing["size"], progress=False)
+    src = get_source(dataset)
+    arr = decoded_array(src, sub, model.preprocessing["size"], progress=False, colour=keeps_colour(model.preprocessing, src.mode))
     leaf = model.levels[-1]
     probs = predict_arrays(model, np.array(arr))[leaf]  # a writable copy of the memory-mapped cache
     names = np.array(model.class_names[leaf])
@@ -98,7 +99,7 @@ def _select(dataset: str, relpath: str) -> None:
 
 def _load_dataset_image(model, dataset: str, relpath: str) -> Loaded | None:
     """Decode a gallery image (with its ground truth), or show why it cannot be."""
-    d = load_dataset_image(dataset, relpath, model.preprocessing["size"], DISPLAY_PX)
+    d = load_dataset_image(dataset, relpath, model.preprocessing["size"], DISPLAY_PX, model.preprocessing)
     return None if d is None else Loaded(d.key, d.link, d.fg, d.display, d.notes, truth=d.truth, link=d.link,
                                          annotation=d.annotation)
 
@@ -196,7 +197,8 @@ def _uploads(model) -> Loaded | None:
     good: list[Loaded] = []
     for f in files:
         try:
-            fg, dec, square = load_for_model(f.getvalue(), model.preprocessing["size"], mode="L", max_aspect=MAX_ASPECT)
+            fg, dec, square = load_for_model(f.getvalue(), model.preprocessing["size"], mode="L", max_aspect=MAX_ASPECT,
+                                             colour=keeps_colour(model.preprocessing))
         except ImageDecodeError as e:
             st.error(f"**{f.name}**: {e.message}", icon=":material/broken_image:")
             continue

@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from data.decode import ImageDecodeError, decode_image, fit_square, load_for_model
+from data.decode import ImageDecodeError, decode_image, fit_square, keeps_colour, load_for_model
 from data.folders import UNLABELLED
 from data.manifest import build_manifest
 from data.sources import DatasetNotFound, Source, available_sources, open_source
@@ -197,8 +197,10 @@ def read_image_bytes(dataset: str, relpath: str) -> bytes:
     return get_source(dataset).read_bytes(relpath)
 
 
-def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 256) -> DatasetImage | None:
-    """Decode a dataset image at the model's input ``size``, or show why it cannot be (None)."""
+def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 256,
+                       preprocessing: dict | None = None) -> DatasetImage | None:
+    """Decode a dataset image at the model's input ``size`` (in colour when the model's
+    ``preprocessing`` keeps it, :func:`data.decode.keeps_colour`), or show why it cannot be (None)."""
     sources = get_sources()
     if dataset not in sources:
         st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
@@ -210,7 +212,8 @@ def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 
         return None
     src = sources[dataset]
     try:
-        fg, dec, _ = load_for_model(read_image_bytes(dataset, relpath), int(size), mode=src.mode, background=src.background)
+        fg, dec, _ = load_for_model(read_image_bytes(dataset, relpath), int(size), mode=src.mode, background=src.background,
+                                    colour=keeps_colour(preprocessing or {}, src.mode))
     except (ImageDecodeError, FileNotFoundError) as e:
         st.error(f"{relpath}: {getattr(e, 'message', e)}")
         return None
@@ -335,7 +338,8 @@ def warm_first_explanation(name: str) -> bool:
     shown = gallery_sample(man[man["split"] == "test"], 0)
     for rel in shown["relpath"]:
         thumbnail(dataset, rel)
-    if shown.empty or (img := load_dataset_image(dataset, shown.iloc[0]["relpath"], model.preprocessing["size"], DISPLAY_PX)) is None:
+    if shown.empty or (img := load_dataset_image(dataset, shown.iloc[0]["relpath"], model.preprocessing["size"], DISPLAY_PX,
+                                                 model.preprocessing)) is None:
         return False
     model.eval()
     mkey = lm.key

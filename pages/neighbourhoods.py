@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.colors import qualitative
 
-from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, load_for_model
+from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, keeps_colour, load_for_model
 from data.sources import DatasetNotFound
 from explain.embeddings import compute_embeddings
 from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
@@ -304,7 +304,8 @@ def _placed_upload(model_name: str, sha: str, limit: int | None, df: pd.DataFram
     if not got or got["key"] != key:
         model = open_model(model_name).classifier
         try:
-            fg, _, square = load_for_model(data, int(model.preprocessing["size"]), mode="L", max_aspect=MAX_ASPECT)
+            fg, _, square = load_for_model(data, int(model.preprocessing["size"]), mode="L", max_aspect=MAX_ASPECT,
+                                           colour=keeps_colour(model.preprocessing))
         except ImageDecodeError as e:
             got = {"key": key, "error": e.message}
         else:

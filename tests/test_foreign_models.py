@@ -380,3 +380,51 @@ def test_home_page_form_adds_a_model_under_the_allowed_roots(byo, monkeypatch):
 def _submit(at) -> None:
     next(b for b in at.button if b.label == "Add model").click()
     at.run()
+
+
+def test_rgb_model_gets_colour_images_in_colour(byo):
+    """A 3-channel model imported for ZooLake (a colour, dark-field camera) reads ZooLake images in
+    colour and NDSB's grey ones replicated; the Classify page explains a ZooLake image with it."""
+    import numpy as np
+    import timm
+    from streamlit.testing.v1 import AppTest
+
+    from data.decode import keeps_colour, load_for_model
+    from data.sources import available_sources
+    from data.taxonomy import load_taxonomy
+    from models.base import images_to_tensor
+    from models.handle import open_model
+
+    if "zoolake" not in available_sources():
+        pytest.skip("needs the ZooLake archive")
+    classes = load_taxonomy("zoolake").classes
+    net = timm.create_model("resnet18", num_classes=len(classes)).eval()
+    torch.save(net.state_dict(), byo["tmp"] / "zoolake_r18.pth")
+    assert _add(str(byo["tmp"] / "zoolake_r18.pth"), "--name", "byo-zoolake", "--arch", "resnet18", "--dataset", "zoolake",
+                "--polarity", "light-on-dark", "--size", str(SIZE)) == 0
+    lm = open_model("byo-zoolake")
+    pp = lm.preprocessing
+    assert pp["colour"] and lm.dataset == "zoolake"
+    src = available_sources()["zoolake"]
+    rel = src.files()[0][0]
+    fg, dec, _ = load_for_model(src.read_bytes(rel), SIZE, mode=src.mode, background=src.background,
+                                colour=keeps_colour(pp, src.mode))
+    assert fg.shape == (SIZE, SIZE, 3) and np.abs(fg[..., 0].astype(int) - fg[..., 2]).max() > 10
+    assert "colour converted to grey" not in dec.notes
+    x = images_to_tensor(fg)
+    assert x.shape == (1, 3, SIZE, SIZE)
+    mean = torch.tensor(pp["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pp["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(lm.classifier(x)["class"], net((x - mean) / std), atol=1e-4)  # light-on-dark: as is
+    ndsb = available_sources()["ndsb"]
+    assert not keeps_colour(pp, ndsb.mode)  # a grey instrument: grey, replicated by the normalisation
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
+    at.session_state["model_name"] = "byo-zoolake"
+    at.session_state["collection"] = "zoolake"
+    at.run()
+    at.switch_page("pages/classify.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    captions = [c for im in at.get("image") for c in im.captions]
+    assert any(c.startswith("class: ") for c in captions)
