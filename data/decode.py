@@ -260,4 +260,4 @@ def load_for_model(
         dec = DecodedImage(dec.image, dec.original_size, dec.source_mode,
                            (*dec.notes, f"background grey level {bg.level} ({bg.polarity}) set to 0"))
     square = fit_square(image, size, bg.level)
-    return to_foreground(square, bg), dec, square
+    return to_foreground(square if colour else square.convert("L"), bg), dec, square
