@@ -24,7 +24,7 @@ from explain.ood import CONFIG, auroc, fpr_at_tpr, is_log_probability, list_scor
 from explain.ood_evaluation import (Evaluation, display_image, evaluation, group_level, is_evaluated, known_group_unknown,
                                    most_anomalous, typical_index)
 from models.checkpoint import CheckpointError
-from pages.common import current_model, dataset_missing_message, run_with_progress, size_choice
+from pages.common import current_model, dataset_missing_message, model_dataset_problem, run_with_progress, size_choice
 
 log = logging.getLogger("plankton_lens.anomalies")
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +122,9 @@ if picked is None:
     st.stop()
 model, man = picked.classifier, picked.manifest
 name, sha = picked.name, picked.sha256
+if (problem := model_dataset_problem(picked, "score")):
+    st.warning(problem)
+    st.stop()
 limit = _size_choice(name)
 try:
     _ensure(name, limit)

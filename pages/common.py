@@ -477,6 +477,19 @@ def thumbnail(dataset: str, relpath: str, px: int = 96):
     return np.asarray(fit_square(dec.image, px, src.background).convert("RGB"))
 
 
+def model_dataset_problem(lm: LensModel, purpose: str) -> str | None:
+    """Why a page that works on the images a model was trained on cannot run for ``lm`` (its
+    dataset is unknown or not here), or None."""
+    dataset = lm.manifest.get("dataset", "ndsb")
+    if dataset is None:
+        return (f"{lm.name} does not name the dataset it was trained on, so there is nothing to {purpose} yet: "
+                "register it with --dataset ndsb or zoolake when its classes are theirs. Classify & explain works "
+                "on any collection.")
+    if dataset not in get_sources():
+        return f"The {dataset} dataset this model was trained on was not found, so there is nothing to {purpose}."
+    return None
+
+
 def model_with_dataset(title: str, intro: str, purpose: str):
     """A page's title and introduction, then the sidebar's model as ``(model, manifest, name,
     sha256, dataset)`` when its dataset is here, else None with a message (``purpose``: "map",
@@ -489,7 +502,8 @@ def model_with_dataset(title: str, intro: str, purpose: str):
     model, manifest = loaded.classifier, loaded.manifest
     name = loaded.name
     dataset = manifest.get("dataset", "ndsb")
-    if dataset not in get_sources():
-        st.warning(f"The {dataset} dataset this model was trained on was not found, so there is nothing to {purpose}.")
+    problem = model_dataset_problem(loaded, purpose)
+    if problem:
+        st.warning(problem)
         return None
     return model, manifest, name, manifest["sha256"], dataset

@@ -428,3 +428,30 @@ def test_rgb_model_gets_colour_images_in_colour(byo):
     assert not at.error, [e.value for e in at.error]
     captions = [c for im in at.get("image") for c in im.captions]
     assert any(c.startswith("class: ") for c in captions)
+
+
+def test_a_model_without_taxonomy_has_one_level_and_every_page_copes(byo, tmp_path):
+    """Classes that no known taxonomy holds and no --taxonomy: one level; Classify explains with
+    it, the pages that need the model's own dataset say why they cannot run."""
+    import timm
+    from streamlit.testing.v1 import AppTest
+
+    from models.handle import open_model
+
+    torch.save(timm.create_model("resnet18", num_classes=4).state_dict(), tmp_path / "lab.pth")
+    (tmp_path / "lab.txt").write_text("alpha\nbeta\ngamma\ndelta\n")
+    assert _add(str(tmp_path / "lab.pth"), "--name", "byo-one-level", "--arch", "resnet18", "--classes",
+                str(tmp_path / "lab.txt"), "--size", str(SIZE)) == 0
+    lm = open_model("byo-one-level")
+    assert lm.levels == ("class",) and lm.dataset is None
+    assert lm.classifier.class_names["class"] == ["alpha", "beta", "delta", "gamma"]
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
+    at.session_state["model_name"] = "byo-one-level"
+    at.run()
+    at.switch_page("pages/classify.py").run()
+    assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
+    assert any(c.startswith("class: ") for im in at.get("image") for c in im.captions)
+    for page in ("pages/anomalies.py", "pages/neighbourhoods.py", "pages/review.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert any("does not name the dataset it was trained on" in w.value for w in at.warning), page
