@@ -19,7 +19,7 @@ from .sources import Source
 from .splits import DEFAULT_SEED, stratified_split
 from .taxonomy import LEVELS
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the shipped sample keeps its full-archive splits; collections skip unreadable images
 
 
 def _manifest_path(src: Source, seed: int) -> Path:
@@ -77,6 +77,12 @@ def build_manifest(src: Source, seed: int = DEFAULT_SEED, progress: bool = True,
     for lvl in LEVELS[:-1]:
         df[lvl] = df["class"].map(paths[lvl])
     df["split"] = stratified_split(df, seed)
+    if src.sample and seed == DEFAULT_SEED:
+        # the shipped sample keeps each image's split in the full archive, so that its "test"
+        # images are never ones the zoo's models were trained on (data/sample.py)
+        from .sample import sample_splits
+
+        df["split"] = df["relpath"].map(sample_splits()).fillna(df["split"])
     df = df[["relpath", "dataset", "class", *LEVELS[:-1], "split", "width", "height", "bytes"]]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = writer_temp(path)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 SAMPLE_ZIP = SAMPLE_DIR / "ndsb_sample.zip"
+#: Each sample image's split in the full archive's manifest (relpath, split), written with the zip.
+SAMPLE_SPLITS = SAMPLE_DIR / "ndsb_sample_splits.csv"
 PER_CLASS = 10
 KEY = "plankton-lens-sample-v1"
 MAX_BYTES = 3 * 1024 * 1024
@@ -28,8 +30,24 @@ def _rank(name: str) -> str:
     return hashlib.sha1(f"{KEY}:{name}".encode()).hexdigest()
 
 
+def sample_splits() -> dict[str, str]:
+    """{relpath: split} of the sample's images in the full NDSB manifest (empty when absent)."""
+    import csv
+
+    if not SAMPLE_SPLITS.is_file():
+        return {}
+    with open(SAMPLE_SPLITS, newline="") as f:
+        return {r["relpath"]: r["split"] for r in csv.DictReader(f)}
+
+
 def build_sample(archive: Path, out: Path = SAMPLE_ZIP, per_class: int = PER_CLASS) -> dict:
-    """Write the sample zip from the NDSB archive; returns its counts and size."""
+    """Write the sample zip from the NDSB archive, and each image's split in the full archive's
+    manifest (:data:`SAMPLE_SPLITS`); returns its counts and size."""
+    from .manifest import build_manifest
+    from .sources import Source
+
+    full = build_manifest(Source("ndsb", archive, "train", "L", 255, taxonomy_name="ndsb"), progress=False)
+    split_of = dict(zip(full["relpath"], full["split"]))
     by_class: dict[str, list[zipfile.ZipInfo]] = defaultdict(list)
     with zipfile.ZipFile(archive) as z:
         for info in z.infolist():
@@ -48,6 +66,9 @@ def build_sample(archive: Path, out: Path = SAMPLE_ZIP, per_class: int = PER_CLA
                     w.writestr(zi, z.read(info))
                     n += 1
         tmp.replace(out)
+    with zipfile.ZipFile(out) as z:
+        names = sorted(n for n in z.namelist() if n.endswith(".jpg"))
+    SAMPLE_SPLITS.write_text("relpath,split\n" + "".join(f"{n},{split_of[n]}\n" for n in names))
     size = out.stat().st_size
     if size > MAX_BYTES:
         raise SystemExit(f"the sample is {size / 2**20:.1f} MB, above {MAX_BYTES / 2**20:.0f} MB: lower --per-class")

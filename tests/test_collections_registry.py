@@ -154,3 +154,38 @@ def test_collections_added_in_a_browser(user_data, tmp_path, page):
             "Image source error" in e and "/media/" in e or e.startswith("Failed to load resource") and "404" in e)]
         assert_no_streamlit_errors(page)
         page.screenshot(path=str(ARTIFACTS / "classify_user_collection.png"), full_page=True)
+
+
+def test_allowed_roots_refuse_dot_dot_symlinks_and_other_paths(tmp_path, monkeypatch):
+    from data.paths import PathNotAllowed, under_allowed_root
+
+    root = tmp_path / "root"
+    (root / "inside").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "link").symlink_to(tmp_path / "outside")
+    monkeypatch.setenv("PLANKTON_LENS_ROOTS", str(root))
+    assert under_allowed_root(root / "inside") == (root / "inside").resolve()
+    for bad in (root / "inside" / ".." / ".." / "outside", root / "link", tmp_path / "outside", "/etc", ""):
+        with pytest.raises(PathNotAllowed):
+            under_allowed_root(bad)
+
+
+def test_a_fresh_clone_without_data_serves_the_shipped_sample(tmp_path, page):
+    """No dataset anywhere: the dashboard runs on data/sample; Home says so and Classify & explain
+    explains a sample image at every level."""
+    empty = tmp_path / "no-datasets"
+    empty.mkdir()
+    env = {"PLANKTON_DATASETS": str(empty), "PLANKTON_LENS_CACHE": str(tmp_path / "cache"),
+           "PLANKTON_LENS_DATA": str(tmp_path / "user")}
+    with run_streamlit_server("streamlit-sample.log", env=env) as url:
+        page.goto(url, timeout=120_000)
+        wait_for_app(page, 300_000)
+        page.get_by_text("NDSB sample shipped with the project").wait_for(timeout=60_000)
+        page.locator("[data-testid='stSidebar']").get_by_role("link", name="Classify & explain").click()
+        wait_for_app(page, 300_000)
+        page.get_by_text("Integrated Gradients at every level").wait_for(timeout=300_000)
+        wait_for_app(page, 300_000)
+        assert page.get_by_text("Predicted class").is_visible()
+        assert page.locator("[data-testid='stImage']").count() >= 6
+        assert_no_streamlit_errors(page)
+        page.screenshot(path=str(ARTIFACTS / "classify_shipped_sample.png"), full_page=True)

@@ -332,3 +332,24 @@ def test_writer_temp_names_are_hidden_per_writer_and_keep_the_suffix(tmp_path):
     assert not list(tmp_path.glob("ndsb__*"))  # an eviction glob does not see a writer's file
     names[0].replace(path)
     assert np.load(path)["a"].tolist() == [0, 1, 2]
+
+
+@requires_full_data
+def test_shipped_sample_is_deterministic_and_keeps_the_full_archive_splits(ndsb, ndsb_manifest, tmp_path):
+    """data/sample is rebuilt byte for byte from the archive, and each sample image has the split
+    it has in the full manifest (a sample "test" image was never trained on)."""
+    import hashlib
+
+    from data.manifest import build_manifest
+    from data.sample import SAMPLE_ZIP, build_sample
+    from data.sources import SAMPLES, Source
+
+    out = tmp_path / "sample.zip"
+    r = build_sample(ndsb.root, out)
+    assert r["images"] == 1209 and r["classes"] == 121 and r["bytes"] <= 3 * 2**20
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(SAMPLE_ZIP.read_bytes()).digest()
+    sample = Source("ndsb", SAMPLES["ndsb"], "train", "L", 255, taxonomy_name="ndsb", sample=True)
+    sm = build_manifest(sample, progress=False)
+    full = dict(zip(ndsb_manifest["relpath"], ndsb_manifest["split"]))
+    assert len(sm) == 1209 and all(full[r] == s for r, s in zip(sm["relpath"], sm["split"]))
+    assert set(sm["split"]) == {"train", "val", "test"}
