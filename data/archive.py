@@ -13,7 +13,7 @@ import io
 import os
 import threading
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .sources import DatasetNotFound

@@ -19,7 +19,7 @@ from .sources import Source
 from .splits import DEFAULT_SEED, stratified_split
 from .taxonomy import LEVELS
 
-MANIFEST_VERSION = 2  # 2: the shipped sample keeps its full-archive splits; collections skip unreadable images
+MANIFEST_VERSION = 1
 
 
 def _manifest_path(src: Source, seed: int) -> Path:

@@ -48,6 +48,10 @@ class Source:
         """Changes when the archive or folder changes (size, mtime, path)."""
         st = self.root.stat()
         key = f"{self.name}|{self.root.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.prefix}"
+        if self.sample:  # its splits come from data/sample/ndsb_sample_splits.csv (data.sample)
+            from .sample import SAMPLE_SPLITS
+
+            key += "|" + (hashlib.sha256(SAMPLE_SPLITS.read_bytes()).hexdigest() if SAMPLE_SPLITS.is_file() else "")
         if not self.is_zip:
             key += f"|{sum(1 for _ in self._walk())}"
         return hashlib.sha256(key.encode()).hexdigest()[:16]

@@ -175,7 +175,6 @@ def _gallery(model_name: str, sha: str, limit_per_class: int | None, progress: b
     from .embeddings import split_outputs
 
     lm = open_model(model_name)
-
     model, man = lm.classifier, lm.manifest
     dataset = man.get("dataset", "ndsb")
     o = split_outputs(model_name, dataset, "train", progress=progress, limit_per_class=limit_per_class)
@@ -208,9 +207,7 @@ def dataset_neighbours(model_name: str, dataset: str | None = None, limit_per_cl
     (``vote_<level>``, ``vote_share_<level>``). Cached on disk beside the embeddings."""
     from .embeddings import cache_path, dataset_rows, split_outputs
 
-    lm = open_model(model_name)
-
-    model, man = lm.classifier, lm.manifest
+    man = open_model(model_name).manifest
     dataset = dataset or man.get("dataset", "ndsb")
     _, _, key = dataset_rows(dataset, man, limit_per_class)
     emb_path = cache_path(model_name, man["sha256"], dataset, key)
@@ -251,7 +248,6 @@ def image_frame(model_name: str, limit_per_class: int | None = None, progress: b
     from .embeddings import predictions_frame, split_outputs
 
     lm = open_model(model_name)
-
     model, man = lm.classifier, lm.manifest
     dataset = man.get("dataset", "ndsb")
     o = split_outputs(model_name, dataset, None, progress, limit_per_class, on_progress)

@@ -232,7 +232,6 @@ def evaluation(model_name: str, limit_per_class: int | None = None, progress: bo
     from .embeddings import dataset_manifest, split_outputs
 
     lm = open_model(model_name)
-
     model, man = lm.classifier, lm.manifest
     dataset = man.get("dataset", "ndsb")
     o = split_outputs(model_name, dataset, progress=progress, limit_per_class=limit_per_class,

@@ -24,7 +24,7 @@ import torch
 from data.archive import check_path
 from data.paths import writer_temp
 from data.sources import DatasetNotFound
-from data.taxonomy import (LEVELS, Taxonomy, TaxonomyError, load_taxonomy, taxonomy_from_hierarchies,
+from data.taxonomy import (Taxonomy, TaxonomyError, load_taxonomy, taxonomy_from_hierarchies,
                            taxonomy_from_table)
 
 from .checkpoint import CheckpointError, code_version, sha256_file
@@ -340,4 +340,4 @@ def remove_model(name: str) -> Path:
     return path
 
 
-__all__ = ["add_model", "remove_model", "read_class_list", "read_taxonomy", "ModelImportError", "LEVELS"]
+__all__ = ["add_model", "remove_model", "read_class_list", "read_taxonomy", "ModelImportError"]

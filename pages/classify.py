@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import streamlit as st
 from PIL import Image
 
-from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, keeps_colour, load_for_model
+from data.decode import MAX_ASPECT, ImageDecodeError, keeps_colour, load_for_model
 from data.manifest import decoded_array
 from explain import export
 from explain.faithfulness import randomisation_check

@@ -2,9 +2,7 @@
 opened by name like NDSB, shown by the Classify page with no ground truth when unlabelled."""
 from __future__ import annotations
 
-import io
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
