@@ -156,6 +156,7 @@ def test_split_is_deterministic_and_order_free(ndsb_manifest):
     assert (stratified_split(df, seed=2) != a).any()
 
 
+@requires_full_data  # the sample keeps each image's split of the full archive, not a 70/10/20 split of its own
 def test_split_is_stratified(ndsb_manifest):
     counts = ndsb_manifest.groupby(["class", "split"]).size().unstack(fill_value=0)
     assert (counts[["train", "val", "test"]] >= 1).all().all()  # every class (min 9 images) in every split

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from explain.ood import get_score, score_names
-from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
+from tests.conftest import ARTIFACTS, REPO, requires_data, requires_full_data, wait_for_app
 
 pytestmark = requires_data
 PAGE = "pages/anomalies.py"
@@ -42,6 +42,7 @@ def _selected_text(at) -> str:
     return next(m.value for m in at.markdown if "**Selected image**" in m.value)
 
 
+@requires_full_data  # its TPR figure is that of the full test split
 def test_page_scores_threshold_and_gallery():
     at = _app()
     _ok(at)
@@ -129,6 +130,7 @@ def _assert_clean(pg, base: str) -> None:
     assert not bad, bad
 
 
+@requires_full_data  # its TPR figure is that of the full test split
 def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
     from models.zoo import default_model_name
 
