@@ -91,6 +91,22 @@ def build_manifest(src: Source, seed: int = DEFAULT_SEED, progress: bool = True,
     return df
 
 
+def decode_rows(src: Source, relpaths, size: int, colour: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The model input of each image of ``relpaths`` (the one decoding path of datasets and
+    collections): uint8 (N, size, size) foreground, or (N, size, size, 3) with ``colour``, and a
+    boolean (N,) that is False where the image could not be read or decoded (left blank)."""
+    relpaths = list(relpaths) if not hasattr(relpaths, "__len__") else relpaths
+    n = len(relpaths)
+    out = np.zeros((n, size, size, 3) if colour else (n, size, size), dtype=np.uint8)
+    ok = np.ones(n, dtype=bool)
+    for i, rel in enumerate(relpaths):
+        try:
+            out[i], _, _ = load_for_model(src.read_bytes(rel), size, mode=src.mode, background=src.background, colour=colour)
+        except (ImageDecodeError, OSError):
+            ok[i] = False
+    return out, ok
+
+
 def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool = True,
                   colour: bool = False) -> np.ndarray:
     """All manifest images as one uint8 array (N, size, size), foreground polarity (0 = background);
@@ -109,13 +125,9 @@ def decoded_array(src: Source, manifest: pd.DataFrame, size: int, progress: bool
                 return arr
         except (OSError, ValueError, EOFError):
             pass  # damaged (a disk error, a hand edit): decoded again below
-    out = np.zeros(shape, dtype=np.uint8)
-    bad = 0
-    for i, rel in enumerate(tqdm(manifest["relpath"], desc=f"decoding {src.name} @{size}px", disable=not progress, unit="img")):
-        try:
-            out[i], _, _ = load_for_model(src.read_bytes(rel), size, mode=src.mode, background=src.background, colour=colour)
-        except ImageDecodeError:
-            bad += 1
+    relpaths = tqdm(manifest["relpath"], desc=f"decoding {src.name} @{size}px", disable=not progress, unit="img")
+    out, ok = decode_rows(src, relpaths, size, colour)
+    bad = int((~ok).sum())
     if bad:
         warnings.warn(f"{bad} unreadable images in {src.name} were left blank")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -57,10 +57,11 @@ def compute_outputs(model: HierarchicalClassifier, images_uint8: np.ndarray, bat
     """Embeddings (N, D) float32 and calibrated logits per level for uint8 foreground images (N, S, S).
     ``on_progress(fraction, message)`` is called after each batch (for a UI progress bar)."""
     model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     embs: list[np.ndarray] = []
     logits: dict[str, list[np.ndarray]] = {lvl: [] for lvl in model.levels}
     for i in tqdm(range(0, len(images_uint8), batch_size), disable=not progress, desc="embedding", unit="batch"):
-        x = images_to_tensor(np.array(images_uint8[i : i + batch_size]))  # a writable copy of a memmap slice
+        x = images_to_tensor(np.array(images_uint8[i : i + batch_size])).to(device)  # a writable copy of a memmap slice
         raw, emb = model.forward_raw(model.normalise(x))
         embs.append(emb.float().cpu().numpy())
         for j, lvl in enumerate(model.levels):

@@ -14,6 +14,8 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
 os.environ.setdefault("PLANKTON_DATASETS", str(REPO.parent / "shared" / "datasets"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+#: Scoring reads a model against 10 images per class and split of its dataset (not all 30,000).
+os.environ.setdefault("PLANKTON_LENS_REFERENCE_LIMIT", "10")
 os.environ.setdefault("PLANKTON_LENS_DATA", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"plankton-lens-test-data-{os.getpid()}"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

@@ -1,0 +1,182 @@
+"""Scoring a whole collection once (explain/score.py): exact, resumable after kill -9, local = Ray."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, requires_data
+
+SAMPLE = REPO / "data" / "sample" / "ndsb_sample.zip"
+MODEL = "ndsb-bacnn"
+pytestmark = requires_data
+
+
+def unlabelled_zip(path: Path, n: int = 48) -> Path:
+    """A flat zip of ``n`` real NDSB images from the shipped sample, no labels, no folders."""
+    with zipfile.ZipFile(SAMPLE) as z:
+        names = sorted(m for m in z.namelist() if m.lower().endswith(".jpg"))[::25][:n]
+        with zipfile.ZipFile(path, "w") as out:
+            for m in names:
+                out.writestr(Path(m).name, z.read(m))
+    return path
+
+
+@pytest.fixture
+def collections(tmp_path, monkeypatch):
+    """A user data folder with two collections: ``sample`` (the shipped NDSB sample, labelled)
+    and ``cruise`` (a flat zip of its images, unlabelled)."""
+    from data.collections import add_collection
+
+    monkeypatch.setenv("PLANKTON_LENS_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("PLANKTON_LENS_ROOTS", os.pathsep.join([str(SAMPLE.parent), str(tmp_path)]))
+    add_collection("sample", SAMPLE)
+    add_collection("cruise", unlabelled_zip(tmp_path / "cruise.zip"))
+    return tmp_path
+
+
+def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "explain.score", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def test_scored_table_has_one_row_per_image_and_the_json_summary(collections):
+    from explain.score import scored_table, score_columns
+
+    r = _cli("run", "--model", MODEL, "--collection", "cruise", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert set(info) == {"table", "rows", "images_per_s", "engine"} and info["engine"] == "local"
+    assert info["rows"] == 48 and info["images_per_s"] > 0 and Path(info["table"]).is_file()
+    t = scored_table(MODEL, "cruise")
+    assert t is not None and len(t.table) == 48 and t.table["relpath"].is_unique
+    assert t.embeddings.dtype == np.float16 and t.embeddings.shape[0] == 48
+    assert set(t.table["class"]) == {"unlabelled"}
+    for lvl in t.levels:
+        p = t.table[[f"top1_p_{lvl}", f"top2_p_{lvl}", f"top3_p_{lvl}"]].to_numpy()
+        assert (np.diff(p, axis=1) <= 1e-7).all() and (t.table[f"top1_{lvl}"] == t.table[f"pred_{lvl}"]).all()
+    cols = score_columns(t.levels)
+    assert set(cols) <= set(t.table.columns) and set(t.thresholds) == set(cols)
+    for c in cols:  # every score carries its threshold (95 % of validation images kept) and a flag
+        assert (t.table[f"flag_{c}"] == (t.table[c] > t.thresholds[c])).all()
+    # a second run reads the table: nothing is scored again
+    from explain.score import run
+    assert run(MODEL, "cruise")["scored"] == 0
+
+
+def test_scored_table_equals_what_the_pages_computed(collections):
+    """NDSB test with the default model: predictions, confidences, kNN score and neighbour vote
+    equal the per-dataset frame the pages computed before (same gallery and images)."""
+    from explain.neighbours import image_frame
+    from explain.score import reference_limit, run, scored_table
+
+    run(MODEL, "ndsb", split="test")
+    t = scored_table(MODEL, "ndsb", split="test").table
+    old = image_frame(MODEL, limit_per_class=reference_limit())
+    old = old[old["split"] == "test"]
+    both = t.merge(old, on="relpath", suffixes=("", "_old"))
+    assert len(both) >= min(len(old), 200)
+    levels = [c[5:] for c in t.columns if c.startswith("pred_") and not c.startswith("pred_conf_")]
+    for lvl in levels:
+        assert (both[f"pred_{lvl}"] == both[f"pred_{lvl}_old"]).mean() > 0.999
+        np.testing.assert_allclose(both[f"pred_conf_{lvl}"], both[f"pred_conf_{lvl}_old"], atol=1e-4)
+        assert (both[f"vote_{lvl}"] == both[f"vote_{lvl}_old"]).mean() > 0.99
+    np.testing.assert_allclose(both["knn_score"], both["knn_score_old"], atol=1e-3)
+    assert (both["inconsistent"] == both["inconsistent_old"]).mean() > 0.999
+
+
+def test_killed_run_resumes_to_the_same_table(collections):
+    """kill -9 in the middle of a run; the next run scores the rest and the table equals an
+    uninterrupted run's, with exactly one row per image."""
+    from explain.score import job
+
+    env = {"PLANKTON_LENS_SCORE_CHUNK": "128"}
+    args = ("run", "--model", MODEL, "--collection", "sample", "--json")
+    p = subprocess.Popen([sys.executable, "-m", "explain.score", *args], cwd=REPO, env={**os.environ, **env},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        folder = job(MODEL, "sample").folder
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list((folder / "parts").glob("part-*.parquet"))) < 3:
+            time.sleep(0.05)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        parts = len(list((folder / "parts").glob("part-*.parquet")))
+        assert 3 <= parts < 10 and not (folder / "meta.json").exists(), "kill -9 did not land mid-run"
+        r = _cli(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        resumed = pd.read_parquet(folder / "table.parquet")
+        emb_resumed = np.load(folder / "embeddings.npy")
+        import shutil
+        shutil.rmtree(folder)
+        r = _cli(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        fresh = pd.read_parquet(folder / "table.parquet")
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert len(resumed) == 1209 and resumed["relpath"].is_unique and (resumed["row"].to_numpy() == np.arange(1209)).all()
+    pd.testing.assert_frame_equal(resumed, fresh)
+    np.testing.assert_array_equal(emb_resumed, np.load(folder / "embeddings.npy"))
+
+
+def test_ray_engine_writes_the_same_table_as_local(collections):
+    """Ray Data on a local Ray (2 CPUs, started here) gives the local engine's table (≤ 1e-5)."""
+    pytest.importorskip("ray")
+    import ray
+
+    from explain.score import run, scored_table
+    from explain.score_ray import init
+
+    init(num_cpus=2)
+    try:
+        run(MODEL, "sample", split="test", engine="ray")
+        via_ray = scored_table(MODEL, "sample", split="test")
+        assert via_ray.meta["engine"] == "ray"
+        a, ea = via_ray.table.copy(), np.array(via_ray.embeddings)
+    finally:
+        ray.shutdown()
+    import shutil
+    shutil.rmtree(via_ray.folder)
+    run(MODEL, "sample", split="test", engine="local")
+    local = scored_table(MODEL, "sample", split="test")
+    pd.testing.assert_frame_equal(a, local.table, check_exact=False, atol=1e-5)
+    np.testing.assert_allclose(ea.astype(np.float32), np.asarray(local.embeddings, np.float32), atol=1e-3)
+
+
+def test_cli_bad_input_is_a_message_not_a_traceback(collections):
+    for args, expect in [(("--model", "no-such-model", "--collection", "sample"), "no-such-model"),
+                         (("--model", MODEL, "--collection", "no-such-collection"), "no-such-collection"),
+                         (("--model", MODEL, "--collection", "sample", "--split", "nope"), "split"),
+                         (("--model", MODEL, "--collection", "sample", "--engine", "spark"), "spark")]:
+        r = _cli("run", *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and expect in r.stderr
+
+
+def test_corrupt_image_is_left_out_and_the_rest_scored(collections, tmp_path):
+    """A corrupt image inside a collection is skipped when the collection is indexed (and listed
+    as unreadable); the others are scored, one row each."""
+    from data.collections import add_collection
+    from explain.score import run, scored_table
+
+    src = unlabelled_zip(tmp_path / "ok.zip", 10)
+    bad = tmp_path / "broken.zip"
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(bad, "w") as out:
+        names = z.namelist()
+        for i, m in enumerate(names):
+            out.writestr(m, z.read(m)[:40] if i == 3 else z.read(m))
+    add_collection("broken", bad)
+    run(MODEL, "broken")
+    t = scored_table(MODEL, "broken").table
+    assert len(t) == 9 and names[3] not in set(t["relpath"]) and t["readable"].all()
+    assert t["pred_class"].notna().all() and t["knn_score"].notna().all()
