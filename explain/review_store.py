@@ -3,7 +3,9 @@
 Each decision is one row written in its own transaction (WAL journal, full sync), so a process
 killed mid-write leaves it either stored whole or absent; several sessions can write at once.
 Undo marks a decision as undone (it stays in the audit trail). Exports: CSV (every column) and
-an EcoTaxa-importable TSV (header line, then the ``[t]`` type line, then one row per image).
+an EcoTaxa-importable TSV (header line, then the ``[t]`` type line, then one row per image); every
+text cell of both goes through :func:`data.safe_text.safe_text` (no live spreadsheet formulas, no
+tabs or line breaks inside a cell).
 
 The second half builds the review queue: images flagged by an OOD score above a threshold, by
 inconsistent predictions across taxonomic levels, or by neighbours that disagree with the model.
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from data.paths import user_data_dir
+from data.safe_text import safe_frame, safe_text
 
 DB_NAME = "reviews.sqlite"
 DECISIONS = ("confirm_anomaly", "assign_label", "not_anomaly")
@@ -174,8 +177,8 @@ class ReviewStore:
 
     # --- exports ------------------------------------------------------------------------------
     def to_csv(self, include_undone: bool = False) -> str:
-        """Every decision as CSV text (one row per decision)."""
-        return self.decisions(include_undone).to_csv(index=False)
+        """Every decision as CSV text (one row per decision), text cells made safe (:func:`safe_frame`)."""
+        return safe_frame(self.decisions(include_undone)).to_csv(index=False)
 
     def to_ecotaxa_tsv(self) -> str:
         """The current decision per image as an EcoTaxa-importable TSV (with the type line)."""
@@ -188,16 +191,17 @@ def ecotaxa_category(row: dict) -> str:
 
 
 def ecotaxa_tsv(current: pd.DataFrame) -> str:
-    """EcoTaxa TSV text for one decision per image."""
+    """EcoTaxa TSV text for one decision per image; every cell through :func:`safe_text`."""
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(ECOTAXA_COLUMNS)
     w.writerow(["[t]"] * len(ECOTAXA_COLUMNS))
     for r in current.to_dict("records"):
         when = _dt.datetime.fromisoformat(r["created"])
-        w.writerow([r["relpath"], f"{r['dataset']}_{Path(r['relpath']).with_suffix('').as_posix().replace('/', '_')}",
-                    ecotaxa_category(r), ECOTAXA_STATUS[r["decision"]], r["reviewer"], when.strftime("%Y%m%d"),
-                    when.strftime("%H%M%S"), r["decision"], " ".join(str(r["comment"]).split())])
+        w.writerow([safe_text(str(v)) for v in (
+            r["relpath"], f"{r['dataset']}_{Path(r['relpath']).with_suffix('').as_posix().replace('/', '_')}",
+            ecotaxa_category(r), ECOTAXA_STATUS[r["decision"]], r["reviewer"], when.strftime("%Y%m%d"),
+            when.strftime("%H%M%S"), r["decision"], r["comment"])])
     return buf.getvalue()
 
 

@@ -105,6 +105,24 @@ def test_csv_export_parses_back(store):
     assert len(pd.read_csv(io.StringIO(store.to_csv()))) == 1
 
 
+def test_csv_and_tsv_exports_neutralise_spreadsheet_formulas(store):
+    formula = '=HYPERLINK("http://x","y")'
+    store.record(_d(1, "confirm_anomaly", comment=formula, score=-2.5))
+    store.record(_d(2, "assign_label", label="-detritus\tlarge", label_level="class", reviewer="@bo",
+                    comment="+1\r\nsecond line"))
+    text = store.to_csv()
+    assert ",-2.5," in text and "'-2.5" not in text  # a number stays a number
+    back = pd.read_csv(io.StringIO(text), keep_default_na=False)
+    assert back.loc[0, "comment"] == "'" + formula
+    assert back.loc[1, "label"] == "'-detritus large" and back.loc[1, "reviewer"] == "'@bo"
+    assert back.loc[1, "comment"] == "'+1 second line"
+    df = read_ecotaxa_tsv(store.to_ecotaxa_tsv()).set_index("img_file_name")
+    assert df.loc["train/copepod_calanoid/1.jpg", "object_review_comment"] == "'" + formula
+    assert df.loc["train/copepod_calanoid/2.jpg", "object_annotation_category"] == "'-detritus large"
+    assert df.loc["train/copepod_calanoid/2.jpg", "object_annotation_person_name"] == "'@bo"
+    assert df.loc["train/copepod_calanoid/2.jpg", "object_review_comment"] == "'+1 second line"
+
+
 def test_ecotaxa_export_parses_back(store):
     store.record(_d(1, "confirm_anomaly", comment="multi\nline\tcomment"))
     store.record(_d(2, "assign_label", label="crustaceans", label_level="group", reviewer="Bo"))
