@@ -523,15 +523,34 @@ def main(argv: list[str] | None = None) -> int:
             st = status(args.model, args.collection, args.split)
             print(json.dumps(st) if args.json else "\n".join(f"{k}: {v}" for k, v in st.items()))
         else:
-            from .ecotaxa_bundle import export_scored
-
-            info = export_scored(args.model, args.collection, Path(args.out), split=args.split, images=args.images)
+            info = export(args.model, args.collection, Path(args.out), split=args.split, images=args.images)
+            info = {k: str(info[k]) if k == "path" else info[k] for k in ("path", "rows", "images", "skipped") if k in info}
+            info["skipped"] = len(info.get("skipped") or [])
             print(json.dumps(info) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
     except (CheckpointError, DatasetNotFound, ScoreError, OSError, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {msg}", file=sys.stderr)
         return 2
     return 0
+
+
+def export(model: str, collection: str, out: Path, split: str | None = None, images: bool = False) -> dict:
+    """Write the scored (and reviewed) ``collection`` as an EcoTaxa import bundle at ``out``
+    (:func:`explain.ecotaxa_bundle.export_bundle`): predictions and scores per level, the Review
+    page's decisions, an EcoTaxa collection's own columns, and the images when ``images``."""
+    from .ecotaxa_bundle import export_bundle, read_original
+    from .review_store import ReviewStore
+
+    t = scored_table(model, collection, split)
+    if t is None:
+        raise ScoreError(f"{collection!r} has not been scored with {model!r} yet: "
+                         f"python -m explain.score run --model {model} --collection {collection}")
+    src = job(model, collection, split).src
+    decisions = ReviewStore().current()
+    decisions = decisions[decisions["dataset"] == collection] if len(decisions) else decisions
+    original = read_original(src) if str(getattr(src, "kind", "")).startswith("ecotaxa") else None
+    return export_bundle(t.table, t.meta, Path(out), decisions=decisions, read_image=src.read_bytes if images else None,
+                         original=original)
 
 
 def summary(t: ScoredTable) -> str:

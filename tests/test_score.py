@@ -180,3 +180,34 @@ def test_corrupt_image_is_left_out_and_the_rest_scored(collections, tmp_path):
     t = scored_table(MODEL, "broken").table
     assert len(t) == 9 and names[3] not in set(t["relpath"]) and t["readable"].all()
     assert t["pred_class"].notna().all() and t["knn_score"].notna().all()
+
+
+def test_export_scored_and_reviewed_collection_reads_back_as_ecotaxa(collections, tmp_path):
+    """`explain.score export`: a bundle EcoTaxa accepts (type row, unique ids, numeric [f]),
+    read back by the project's own reader, with the review's statuses and neutralised text."""
+    from data.collections_io import open_collection
+    from explain.ecotaxa_rules import check_ecotaxa_tsv
+    from explain.review_store import Decision, ReviewStore
+    from explain.score import run, scored_table
+
+    run(MODEL, "cruise")
+    t = scored_table(MODEL, "cruise").table
+    a, b = t["relpath"].iloc[0], t["relpath"].iloc[1]
+    store = ReviewStore()
+    store.record(Decision("cruise", a, "confirm_anomaly", "ana", comment='=HYPERLINK("http://x","y")'))
+    store.record(Decision("cruise", b, "assign_label", "ben", label="copepod_calanoid", label_level="class"))
+    out = tmp_path / "cruise_bundle.zip"
+    r = _cli("export", "--model", MODEL, "--collection", "cruise", "--out", str(out), "--images", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["rows"] == len(t) and info["images"] == len(t)
+    with zipfile.ZipFile(out) as z:
+        tsv_name = next(n for n in z.namelist() if n.endswith(".tsv"))
+        text = z.read(tsv_name).decode("utf-8-sig")
+    assert check_ecotaxa_tsv(text) == []
+    assert '=HYPERLINK' not in text.replace("'=HYPERLINK", "")
+    back = open_collection(out, "back").metadata()
+    assert len(back) == len(t)
+    status = dict(zip(back["relpath"].map(lambda p: Path(p).name), back["status"]))
+    assert status[Path(a).name] == "dubious" and status[Path(b).name] == "validated"
+    assert (pd.Series(status).drop([Path(a).name, Path(b).name]) == "predicted").all()
