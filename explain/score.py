@@ -78,6 +78,7 @@ class Reference:
     gallery: Gallery | None
     thresholds: dict[str, float]
     key: str
+    validation: pd.DataFrame | None = None  # the validation images' rows and score columns
 
 
 def score_columns(levels: tuple[str, ...] | list[str], with_knn: bool = True) -> list[str]:
@@ -86,11 +87,20 @@ def score_columns(levels: tuple[str, ...] | list[str], with_knn: bool = True) ->
     return cols + (["knn_score"] if with_knn else [])
 
 
+def reference_key(lm: LensModel) -> str:
+    """What the model's reference depends on besides its weights: its dataset's manifest, the
+    reference limit and the scoring constants (cheap: no image is decoded)."""
+    limit = reference_limit()
+    mkey = dataset_rows(lm.dataset, lm.manifest, limit)[2] if lm.dataset else "none"
+    parts = [lm.dataset, mkey, limit, KNN_K, KEEP, TOP_K, score_names("logits"), sorted(lm.manifest.get("heldout") or [])]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
 @lru_cache(maxsize=8)
 def _reference(name: str, sha: str, limit: int | None) -> Reference:
     lm = open_model(name)
     if not lm.dataset:
-        return Reference(None, {}, f"none-{'-'.join(score_names('logits'))}")
+        return Reference(None, {}, reference_key(lm))
     gallery = load_gallery(name, limit)
     val = split_outputs(name, lm.dataset, "val", limit_per_class=limit)
     known = ~val.rows["class"].isin(lm.manifest.get("heldout") or []).to_numpy()
@@ -98,9 +108,9 @@ def _reference(name: str, sha: str, limit: int | None) -> Reference:
     frame = score_outputs(lm, val.embeddings, val.logits, gallery, np.full(len(val.rows), -1))
     thresholds = {c: float(np.nanquantile(frame[c].to_numpy(np.float64), KEEP))
                   for c in score_columns(lm.levels) if len(frame) and frame[c].notna().any()}
-    key = hashlib.sha256(json.dumps([lm.dataset, limit, len(gallery), len(frame), KNN_K, KEEP, TOP_K,
-                                     sorted(thresholds.items())]).encode()).hexdigest()[:12]
-    return Reference(gallery, thresholds, key)
+    cols = [c for c in ("relpath", "dataset", "class") if c in val.rows]
+    validation = pd.concat([val.rows[cols].reset_index(drop=True), frame], axis=1)
+    return Reference(gallery, thresholds, reference_key(lm), validation)
 
 
 def reference(lm: LensModel) -> Reference:
@@ -201,8 +211,12 @@ class Job:
     split: str | None
     src: Source
     rows: pd.DataFrame
-    ref: Reference
     folder: Path
+
+    @property
+    def ref(self) -> Reference:
+        """The model's reference (computed on first use: it embeds the model's own dataset once)."""
+        return reference(self.lm)
 
     @property
     def chunks(self) -> int:
@@ -250,9 +264,8 @@ def job(model: str, collection: str, split: str | None = None) -> Job:
     lm = open_model(model)
     lm.classifier  # noqa: B018 - raises a clear CheckpointError now rather than in a worker
     src, rows, mkey = _collection_rows(collection, lm, split)
-    ref = reference(lm)
-    name = f"{collection}__{split or 'all'}__{lm.sha256[:16]}__{mkey}__{ref.key}__v{SCHEMA_VERSION}"
-    return Job(lm, collection, split, src, rows, ref, cache_dir() / "scored" / lm.name / name)
+    name = f"{collection}__{split or 'all'}__{lm.sha256[:16]}__{mkey}__{reference_key(lm)}__v{SCHEMA_VERSION}"
+    return Job(lm, collection, split, src, rows, cache_dir() / "scored" / lm.name / name)
 
 
 def _stale(folder: Path) -> None:
@@ -304,13 +317,20 @@ def _progress_path(folder: Path) -> Path:
     return folder / "progress.json"
 
 
-def _write_progress(j: Job, done: int, rate: float, engine: str, state: str = "running") -> None:
+def _write_progress(j: Job, done: int, rate: float, engine: str, state: str = "running", stage: str = "scoring",
+                    pid: int | None = None) -> None:
     info = {"done": done, "total": len(j.rows), "images_per_s": round(rate, 1), "engine": engine,
-            "pid": os.getpid(), "state": state, "updated": time.time()}
+            "pid": pid or os.getpid(), "state": state, "stage": stage, "updated": time.time()}
     _write_atomic(_progress_path(j.folder), lambda t: t.write_text(json.dumps(info)))
 
 
+_CHILDREN: list = []  # background runs started by this process (polled so they never linger as zombies)
+
+
 def _running(folder: Path) -> bool:
+    for p in list(_CHILDREN):
+        if p.poll() is not None:
+            _CHILDREN.remove(p)
     try:
         info = json.loads(_progress_path(folder).read_text())
     except (OSError, ValueError):
@@ -339,6 +359,8 @@ def _assemble(j: Job, engine: str, seconds: float, rate: float) -> Path:
         emb = np.zeros((0, 0), np.float16)
     _write_atomic(j.folder / "embeddings.npy", lambda t: np.save(open(t, "wb"), emb.astype(np.float16)))
     _write_atomic(table_path, lambda t: pq.write_table(table, t))
+    if j.ref.validation is not None:
+        _write_atomic(j.folder / "validation.parquet", lambda t: j.ref.validation.to_parquet(t, index=False))
     meta = {"model": j.lm.name, "model_sha256": j.lm.sha256, "model_key": j.lm.key, "collection": j.collection,
             "split": j.split, "rows": len(j.rows), "levels": list(j.lm.levels), "thresholds": j.ref.thresholds,
             "keep": KEEP, "knn_k": KNN_K, "top_k": TOP_K, "engine": engine, "seconds": round(seconds, 2),
@@ -407,11 +429,13 @@ def run(model: str, collection: str, split: str | None = None, engine: str = "lo
     todo = missing_chunks(j)
     n_todo = sum(len(j.chunk_rows(i)) for i in todo)
     done = len(j.rows) - n_todo
-    t0 = time.time()
     bar = tqdm(total=len(j.rows), initial=done, unit="img", desc=f"scoring {collection} with {model}",
                disable=not progress, smoothing=0.1)
     state = {"done": done, "new": 0}
+    _write_progress(j, done, 0.0, engine, stage="reference")
+    j.ref  # noqa: B018 - the model's reference first (embeds its own dataset once, then cached)
     _write_progress(j, done, 0.0, engine)
+    t0 = time.time()
 
     def on_chunk(i: int, frame: pd.DataFrame, emb: np.ndarray) -> None:
         write_chunk(j, i, frame, emb)
@@ -442,6 +466,7 @@ class ScoredTable:
     embeddings: np.ndarray
     meta: dict
     folder: Path
+    validation: pd.DataFrame | None = None  # the model's validation images' scores (thresholds come from them)
 
     @property
     def levels(self) -> list[str]:
@@ -462,7 +487,8 @@ def scored_table(model: str, collection: str, split: str | None = None) -> Score
 def _read_cached(folder: str, stamp: float) -> ScoredTable:
     f = Path(folder)
     meta = json.loads((f / "meta.json").read_text())
-    return ScoredTable(pd.read_parquet(f / "table.parquet"), np.load(f / "embeddings.npy", mmap_mode="r"), meta, f)
+    val = pd.read_parquet(f / "validation.parquet") if (f / "validation.parquet").exists() else None
+    return ScoredTable(pd.read_parquet(f / "table.parquet"), np.load(f / "embeddings.npy", mmap_mode="r"), meta, f, val)
 
 
 def _read(folder: Path) -> ScoredTable:
@@ -470,18 +496,49 @@ def _read(folder: Path) -> ScoredTable:
 
 
 def status(model: str, collection: str, split: str | None = None) -> dict:
-    """Where the table stands: ``{"state": "done"|"running"|"partial"|"absent", "done", "total", ...}``."""
+    """Where the table stands: ``{"state": "done"|"running"|"failed"|"partial"|"absent", "stage",
+    "done", "total", "images_per_s", "folder", "log"}`` (``failed``: the last run stopped without
+    finishing; ``log`` holds the end of its output)."""
     j = job(model, collection, split)
     if is_complete(j):
-        return {"state": "done", "done": len(j.rows), "total": len(j.rows), "folder": str(j.folder)}
+        return {"state": "done", "stage": "done", "done": len(j.rows), "total": len(j.rows), "folder": str(j.folder)}
     try:
         info = json.loads(_progress_path(j.folder).read_text())
     except (OSError, ValueError):
         info = {}
     done = len(j.rows) - sum(len(j.chunk_rows(i)) for i in missing_chunks(j)) if j.folder.exists() else 0
-    state = "running" if _running(j.folder) else ("partial" if done else "absent")
-    return {"state": state, "done": done, "total": len(j.rows), "images_per_s": info.get("images_per_s"),
-            "folder": str(j.folder)}
+    if _running(j.folder):
+        state = "running"
+    elif info.get("state") == "running":
+        state = "failed"
+    else:
+        state = "partial" if done else "absent"
+    log = ""
+    if state == "failed" and (j.folder / "job.log").exists():
+        log = (j.folder / "job.log").read_text(errors="replace")[-2000:]
+    return {"state": state, "stage": info.get("stage", ""), "done": done, "total": len(j.rows),
+            "images_per_s": info.get("images_per_s"), "folder": str(j.folder), "log": log}
+
+
+def start(model: str, collection: str, split: str | None = None, engine: str = "local") -> dict:
+    """Score in a background process (``python -m explain.score run``) unless the table is done
+    or a run is already going; returns :func:`status`. The process outlives the caller (a page
+    reload, a closed browser), writes its progress beside the table and its output to ``job.log``."""
+    import subprocess
+
+    now = status(model, collection, split)
+    if now["state"] in ("done", "running"):
+        return now
+    j = job(model, collection, split)
+    j.folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "explain.score", "run", "--model", model, "--collection", collection,
+           "--engine", engine, "--json", *(["--split", split] if split else [])]
+    with open(j.folder / "job.log", "wb") as log:
+        p = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=log,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+    _CHILDREN.append(p)
+    _write_progress(j, now["done"], 0.0, engine, stage="starting", pid=p.pid)
+    return status(model, collection, split)
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -211,3 +211,17 @@ def test_export_scored_and_reviewed_collection_reads_back_as_ecotaxa(collections
     status = dict(zip(back["relpath"].map(lambda p: Path(p).name), back["status"]))
     assert status[Path(a).name] == "dubious" and status[Path(b).name] == "validated"
     assert (pd.Series(status).drop([Path(a).name, Path(b).name]) == "predicted").all()
+
+
+def test_background_run_reports_progress_and_finishes(collections):
+    """`start` scores in a process of its own (a page reload does not stop it); `status` follows it."""
+    from explain.score import scored_table, start, status
+
+    st = start(MODEL, "cruise")
+    assert st["state"] == "running" and st["total"] == 48
+    assert start(MODEL, "cruise")["state"] == "running"  # a second start does not start a second run
+    deadline = time.time() + 300
+    while status(MODEL, "cruise")["state"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    assert status(MODEL, "cruise")["state"] == "done"
+    assert len(scored_table(MODEL, "cruise").table) == 48
