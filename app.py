@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import streamlit as st  # noqa: E402
 
-from pages.common import collection_picker, model_picker  # noqa: E402
+from pages.common import collection_picker, model_picker, sidebar_scoring_status  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
@@ -38,4 +38,5 @@ with st.sidebar:
     st.markdown("### Plankton Lens")
     model_picker()
     collection_picker()
+    sidebar_scoring_status()
 nav.run()

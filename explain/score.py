@@ -480,7 +480,7 @@ class ScoredTable:
 def scored_table(model: str, collection: str, split: str | None = None) -> ScoredTable | None:
     """The complete table of ``collection`` scored by ``model``, or None when it is not built (yet)."""
     j = job(model, collection, split)
-    return _read(j.folder) if is_complete(j) else None
+    return read(j.folder) if is_complete(j) else None
 
 
 @lru_cache(maxsize=8)
@@ -491,7 +491,9 @@ def _read_cached(folder: str, stamp: float) -> ScoredTable:
     return ScoredTable(pd.read_parquet(f / "table.parquet"), np.load(f / "embeddings.npy", mmap_mode="r"), meta, f, val)
 
 
-def _read(folder: Path) -> ScoredTable:
+def read(folder: str | Path) -> ScoredTable:
+    """The complete table in ``folder`` (as :func:`status` names it)."""
+    folder = Path(folder)
     return _read_cached(str(folder), (folder / "meta.json").stat().st_mtime_ns)
 
 

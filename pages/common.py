@@ -507,3 +507,120 @@ def model_with_dataset(title: str, intro: str, purpose: str):
         st.warning(problem)
         return None
     return model, manifest, name, manifest["sha256"], dataset
+
+
+# --- the scored table of the sidebar's collection (Anomalies, Neighbourhoods, Review) --------------
+@dataclass
+class ScoredView:
+    """The sidebar's model and collection, and the collection's scored table."""
+
+    lm: LensModel
+    collection: str
+    scored: "object"  # explain.score.ScoredTable
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return self.scored.table
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        return tuple(self.scored.levels)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _scored(folder: str, stamp: int):
+    from explain.score import read
+
+    return read(folder)
+
+
+def scored_status(model: str, collection: str) -> dict:
+    """:func:`explain.score.status`, or ``{"state": "error", "message"}`` when it cannot be known."""
+    from explain.score import ScoreError, status
+
+    try:
+        return status(model, collection)
+    except (DatasetNotFound, ScoreError, CheckpointError, OSError, ValueError) as e:
+        return {"state": "error", "message": str(e)}
+
+
+@st.fragment(run_every=2.0)
+def _scoring_progress(model: str, collection: str) -> None:
+    """A progress bar that follows a background scoring run; the page reloads when it is done."""
+    s = scored_status(model, collection)
+    if s["state"] == "done":
+        st.rerun()
+    if s["state"] != "running":
+        st.warning(f"Scoring {collection!r} stopped before it finished ({s['state']}). Open the page again to resume.")
+        return
+    total = max(int(s.get("total") or 0), 1)
+    done = int(s.get("done") or 0)
+    if s.get("stage") in ("starting", "reference"):
+        text = (f"Preparing: the model's reference (its training images as the gallery of known images, and its "
+                f"validation images for the thresholds) is computed once per model… then {total:,} images to score.")
+    else:
+        rate = s.get("images_per_s") or 0
+        left = (total - done) / rate if rate else None
+        text = (f"Scoring {collection}: {done:,} / {total:,} images" + (f" · {rate:,.0f} images/s" if rate else "")
+                + (f" · about {left / 60:.0f} min left" if left and left > 90 else ""))
+    st.progress(min(done / total, 1.0), text=text)
+
+
+def scored_collection(title: str, intro: str) -> ScoredView | None:
+    """A page's title and introduction, then the sidebar's model and collection with the
+    collection's scored table. When the table is not built yet, a background run is started
+    (:func:`explain.score.start`: it survives a page reload) and its progress shown; None then."""
+    from explain.score import read, start
+
+    st.title(title)
+    st.caption(intro)
+    lm = current_model()
+    if lm is None:
+        return None
+    if lm.kind == "clip":
+        st.info(f"{lm.name} is a CLIP model: pick a classifier in the sidebar for this page (CLIP models are "
+                "explained on the CLIP page).")
+        return None
+    collection = current_collection()
+    if collection is None:
+        dataset_missing_message()
+        return None
+    s = scored_status(lm.name, collection)
+    if s["state"] == "error":
+        st.error(f"{collection} cannot be scored with {lm.name}: {s['message']}")
+        return None
+    if s["state"] == "failed":
+        st.error(f"The last scoring run of {collection} with {lm.name} stopped before it finished.")
+        if s.get("log"):
+            st.code(s["log"][-1500:], language=None)
+        if not st.button("Resume scoring", icon=":material/play_arrow:", key="score_resume"):
+            return None
+    if s["state"] != "done":
+        start(lm.name, collection)
+        st.info(f"{collection} has not been scored with {lm.name} yet: scoring runs in the background (once; every "
+                "page then reads the table). This page fills in when it is done.", icon=":material/hourglass_top:")
+        _scoring_progress(lm.name, collection)
+        return None
+    from pathlib import Path
+
+    folder = Path(s["folder"])
+    scored = _scored(str(folder), (folder / "meta.json").stat().st_mtime_ns)
+    if scored is None:  # pragma: no cover - removed between status and read
+        scored = read(folder)
+    m = scored.meta
+    st.caption(f"**{collection}**: {m['rows']:,} images scored by **{lm.name}** "
+               f"({m['engine']} engine, {m['images_per_s']:,.0f} images/s). Thresholds keep {m['keep']:.0%} of the "
+               "model's own validation images.")
+    return ScoredView(lm, collection, scored)
+
+
+def sidebar_scoring_status() -> None:
+    """A line in the sidebar while the current collection is being scored."""
+    model = st.session_state.get(MODEL_KEY) or default_model_name()
+    collection = st.session_state.get(COLLECTION_KEY)
+    if not model or not collection:
+        return
+    s = scored_status(model, collection)
+    if s["state"] == "running":
+        pct = int(100 * (s.get("done") or 0) / max(int(s.get("total") or 1), 1))
+        st.sidebar.caption(f":material/hourglass_top: Scoring {collection} with {model}: {pct} %")

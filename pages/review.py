@@ -13,12 +13,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from explain.embeddings import is_cached
-from explain.neighbours import KNN_K, Gallery, image_frame, neighbour_table
+from explain.neighbours import KNN_K, Gallery, neighbour_table
+from explain.ood import get_score
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import (dataset_embeddings, gallery, get_source, logit_scores, model_with_dataset,
-                          run_with_progress, size_choice, thumbnail)
+from pages.common import ScoredView, collection_annotation, gallery, get_source, scored_collection, thumbnail
 
 log = logging.getLogger("plankton_lens.review")
 
@@ -26,75 +25,108 @@ POS_KEY = "rv_pos"
 KNN_LABEL = f"kNN distance (embedding, k={KNN_K})"
 
 
-# --- cached data -----------------------------------------------------------------------------------
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _frame(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
-    """Per-image predictions, kNN score and neighbour vote (read-only)."""
-    return image_frame(model_name, limit)
+def score_label(column: str, levels: tuple[str, ...]) -> str:
+    """A scored table's score column as a user reads it ("Entropy (class)", "kNN distance …")."""
+    if column == "knn_score":
+        return KNN_LABEL
+    rest = column[len("ood_"):]
+    lvl = next(lv for lv in sorted(levels, key=len, reverse=True) if rest.endswith("_" + lv))
+    return f"{get_score(rest[: -len(lvl) - 1]).label} ({lvl})"
 
 
-def _taxonomy_options(dataset: str, levels: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(level, name) for every node of the dataset's taxonomy, leaf level first."""
-    tax = get_source(dataset).taxonomy()
-    return [(lvl, n) for lvl in reversed(levels) for n in tax.names(lvl)]
+def _taxonomy_options(view: ScoredView) -> list[tuple[str, str]]:
+    """(level, name) for every node of the model's taxonomy and the collection's own, leaf level first."""
+    model = view.lm.classifier
+    try:
+        tax = get_source(view.collection).taxonomy()
+    except Exception:  # noqa: BLE001 - a collection without a readable taxonomy: the model's names only
+        tax = None
+    out: list[tuple[str, str]] = []
+    for lvl in reversed(view.levels):
+        names = list(model.class_names[lvl])
+        if tax is not None and lvl in getattr(tax, "levels", ()):
+            names += [n for n in tax.names(lvl) if n not in set(names) and n != "unlabelled"]
+        out += [(lvl, n) for n in names]
+    return out
+
+
+def review_frame(view: ScoredView) -> pd.DataFrame:
+    """The scored table's readable images, with ``heldout`` (a class the model was trained
+    without) and ``unknown_class`` (a labelled class the model does not know)."""
+    df = view.table[view.table["readable"]].copy()
+    known = set(view.lm.classifier.class_names[view.levels[-1]])
+    df["heldout"] = df["class"].isin(view.lm.manifest.get("heldout") or [])
+    df["unknown_class"] = ~df["class"].isin(known) & (df["class"] != "unlabelled")
+    return df
 
 
 # --- parts -----------------------------------------------------------------------------------------
-def _size_choice(model_name: str, dataset: str) -> int | None:
-    return size_choice("rv", is_cached(model_name, dataset), "Images", "Full dataset",
-                       "The full dataset needs every image embedded once (minutes on a CPU, then cached).",
-                       "This model has not embedded the whole dataset yet (several minutes on a CPU, once).",
-                       "Embed the full dataset now")
-
-
-def _queue(df: pd.DataFrame, levels: tuple[str, ...], scores: dict[str, np.ndarray]) -> tuple[pd.DataFrame, str]:
+def _queue(view: ScoredView, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """The flagged images under the chosen rule, and a one-line description of the rule."""
+    levels = view.levels
     kind = st.radio("Flag images by", list(FLAG_KINDS), format_func=FLAG_KINDS.get, horizontal=True, key="rv_kind")
-    pool = st.checkbox("Only images the model never trained on (test split and held-out classes)", value=True,
-                       key="rv_pool")
-    base = df[(df["split"] == "test") | df["heldout"]] if pool else df
+    own = view.collection == view.lm.dataset
+    base = df
+    if own and st.checkbox("Only images the model never trained on (test split and held-out classes)", value=True,
+                           key="rv_pool"):
+        base = df[(df["split"] == "test") | df["heldout"]]
     if kind == "score":
         c = st.columns([2, 1])
-        names = [KNN_LABEL, *scores]
-        name = c[0].selectbox("OOD score", names, key="rv_score",
-                              help="Higher = more anomalous. Logit scores need explain/ood.py.")
+        cols = [c_ for c_ in ["knn_score", *view.scored.meta["score_columns"]] if c_ in df and df[c_].notna().any()]
+        name = c[0].selectbox("OOD score", cols, key="rv_score", format_func=lambda c_: score_label(c_, levels),
+                              help="Higher = more anomalous.")
         keep = c[1].number_input("Threshold keeps % of validation", 50.0, 99.9, 95.0, step=0.5, key="rv_tpr",
-                                 help="Threshold at this percentile of validation images of known classes.")
-        values = df["knn_score"].to_numpy() if name == KNN_LABEL else scores[name]
-        val = ((df["split"] == "val") & ~df["heldout"]).to_numpy()
-        thr = float(np.quantile(values[val], keep / 100)) if val.any() else float(np.quantile(values, keep / 100))
-        sub = base.assign(_score=values[base.index.to_numpy()])
-        return flag_by_score(sub, "_score", thr, name), f"{name} ≥ {thr:.3f} ({keep:g}th percentile of validation)"
+                                 help="Threshold at this percentile of the model's own validation images.")
+        val = view.scored.validation
+        ref = val[name].to_numpy(np.float64) if val is not None and name in val else df[name].to_numpy(np.float64)
+        thr = float(np.nanquantile(ref, keep / 100))
+        where = "the model's validation images" if val is not None else "this collection (the model has no validation images)"
+        return (flag_by_score(base, name, thr, score_label(name, levels)),
+                f"{score_label(name, levels)} ≥ {thr:.3f} ({keep:g}th percentile of {where})")
     if kind == "inconsistent":
         return flag_inconsistent(base, levels), "predictions at adjacent levels not on one taxonomy path"
+    if f"vote_{levels[-1]}" not in df:
+        st.info("This model has no gallery of known images (no training dataset), so there is no neighbour vote.")
+        return df.iloc[:0], "no neighbour vote"
     c = st.columns([1, 2])
     level = c[0].selectbox("Level", list(reversed(levels)), key="rv_level")
     share = c[1].slider("Minimum share of neighbours agreeing", 0.5, 1.0, 0.6, step=0.1, key="rv_share")
     return flag_neighbour_disagreement(base, level, share), f"{KNN_K} nearest known images outvote the model at {level}"
 
 
-def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...], emb: np.ndarray) -> None:
+def _label_line(row: pd.Series) -> str:
+    if row["class"] == "unlabelled":
+        note = collection_annotation(row["dataset"], row["relpath"])
+        return "no validated label" + (f" · {note}" if note else "")
+    return f"label **{row['class']}**" + (" (held-out class, unknown to the model)" if row["heldout"] else
+                                          " (a class the model does not know)" if row["unknown_class"] else "")
+
+
+def _item(row: pd.Series, g: Gallery | None, levels: tuple[str, ...], emb: np.ndarray) -> None:
     """One flagged image: the image, why it is flagged, predictions, vote and neighbours
-    (``emb``: embeddings aligned with the review table)."""
+    (``emb``: the scored table's embeddings, row ``row.name``)."""
     left, right = st.columns([1, 2])
     with left:
         im = thumbnail(row["dataset"], row["relpath"], 192)
         if im is not None:
             st.image(im, width=192)
-        st.caption(f"`{row['dataset']}:{row['relpath']}` ({row['split']} split)  \ndataset label **{row['class']}**"
-                   + (" (held-out class, unknown to the model)" if row["heldout"] else ""))
+        st.caption(f"`{row['dataset']}:{row['relpath']}` ({row['split']} split)  \n{_label_line(row)}")
         link = {"image": f"{row['dataset']}:{row['relpath']}"}
         st.page_link("pages/classify.py", label="Explain this image", icon=":material/biotech:", query_params=link)
         st.page_link("pages/neighbourhoods.py", label="Show on the map", icon=":material/scatter_plot:", query_params=link)
     with right:
         st.warning(f"**Flagged:** {row['reason']}", icon=":material/flag:")
+        voted = f"vote_{levels[-1]}" in row
         tab = pd.DataFrame({"level": list(levels),
                             "model predicts": [row[f"pred_{lvl}"] for lvl in levels],
-                            "probability": [f"{row[f'pred_conf_{lvl}']:.0%}" for lvl in levels],
-                            "neighbour vote": [f"{row[f'vote_{lvl}']} ({row[f'vote_share_{lvl}']:.0%})" for lvl in levels]})
+                            "probability": [f"{row[f'pred_conf_{lvl}']:.0%}" for lvl in levels]})
+        if voted:
+            tab["neighbour vote"] = [f"{row[f'vote_{lvl}']} ({row[f'vote_share_{lvl}']:.0%})" for lvl in levels]
         st.dataframe(tab, hide_index=True, width="stretch")
+        if g is None or not np.isfinite(row["knn_score"]):
+            return
         st.caption(f"kNN distance {row['knn_score']:.3f} · nearest known image at {row['nn_distance']:.3f}")
-        t = neighbour_table(g, emb[int(row.name)], 5)
+        t = neighbour_table(g, np.asarray(emb[int(row.name)], np.float32)[None], 5)
         cols = st.columns(5)
         for col, r in zip(cols, t.to_dict("records")):
             th = thumbnail(r["dataset"], r["relpath"])
@@ -103,10 +135,9 @@ def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...], emb: np.ndarray) 
             col.caption(f"{r[levels[-1]]}  \nd = {r['distance']:.3f}")
 
 
-def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, dataset: str, levels: tuple[str, ...],
-                   session: str) -> bool:
+def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, opts: list[tuple[str, str]],
+                   levels: tuple[str, ...], session: str) -> bool:
     """The decision widgets; returns True when a decision was recorded."""
-    opts = _taxonomy_options(dataset, levels)
     with st.form("rv_form", clear_on_submit=True, border=True):
         decision = st.radio("Decision", DECISIONS, format_func=DECISION_TEXT.get, horizontal=True, key="rv_decision")
         pick = st.selectbox("Label (for “Assign a label”)", opts, index=None, key="rv_label",
@@ -149,30 +180,50 @@ def _decisions_panel(store: ReviewStore) -> None:
                  "the EcoTaxa file the current decision per image.")
 
 
+def _reference_limit() -> int | None:
+    from explain.score import reference_limit
+
+    return reference_limit()
+
+
+def _bundle_panel(view: ScoredView) -> None:
+    """Export the scored and reviewed collection as an EcoTaxa import bundle (zip)."""
+    st.subheader("Back to EcoTaxa")
+    st.caption("An EcoTaxa import bundle of the whole collection: the model's label per image (status predicted, "
+               "or validated / dubious from the decisions above), its probability at every level and its OOD scores "
+               "as object_pl_* columns, and an EcoTaxa collection's own columns unchanged.")
+    images = st.checkbox("Include the images", value=False, key="rv_bundle_images")
+    if st.button("Build the bundle", icon=":material/archive:", key="rv_bundle"):
+        import tempfile
+        from pathlib import Path
+
+        from explain.score import export
+
+        with st.spinner("Writing the bundle…"), tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / f"ecotaxa_{view.collection}.zip"
+            info = export(view.lm.name, view.collection, out, images=images)
+            st.session_state["rv_bundle_bytes"] = (view.collection, out.read_bytes(), info["rows"], len(info.get("skipped") or []))
+    got = st.session_state.get("rv_bundle_bytes")
+    if got and got[0] == view.collection:
+        st.download_button(f"Download the bundle ({got[2]:,} objects" + (f", {got[3]} left out" if got[3] else "") + ")",
+                           data=got[1], file_name=f"ecotaxa_{view.collection}.zip", mime="application/zip",
+                           icon=":material/download:", key="rv_bundle_dl")
+
+
 # --- page ------------------------------------------------------------------------------------------
 def main() -> None:
-    picked = model_with_dataset("Review", "Flagged images one by one: confirm an anomaly, assign a label, or clear "
-                                "it. Decisions are saved at once, survive restarts, can be undone and exported to "
-                                "CSV or EcoTaxa.", "review")
-    if picked is None:
+    view = scored_collection("Review", "Flagged images one by one: confirm an anomaly, assign a label, or clear it. "
+                             "Decisions are saved at once, survive restarts, can be undone and exported to CSV, "
+                             "EcoTaxa TSV or an EcoTaxa import bundle with the model's scores.")
+    if view is None:
         return
-    model, manifest, model_name, sha, dataset = picked
-    levels = tuple(model.levels)
+    model_name, dataset, levels = view.lm.name, view.collection, view.levels
     session = st.session_state.setdefault("rv_session", uuid.uuid4().hex[:12])
     store = ReviewStore()
-
-    top = st.columns([2, 3])
-    top[0].text_input("Reviewer", key="rv_reviewer", placeholder="Your name (stored with each decision)")
-    with top[1]:
-        limit = _size_choice(model_name, dataset)
-    if not is_cached(model_name, dataset, limit):
-        run_with_progress("Scoring the dataset once…", lambda on_progress: image_frame(model_name, limit, on_progress=on_progress))
-    with st.spinner("Loading scores…"):
-        df = _frame(model_name, sha, limit)
-    g = gallery(model_name, sha, limit)
-    scores = logit_scores(model_name, sha, limit, dataset)
-
-    queue, rule = _queue(df, levels, scores)
+    st.text_input("Reviewer", key="rv_reviewer", placeholder="Your name (stored with each decision)")
+    df = review_frame(view)
+    g = gallery(model_name, view.lm.sha256, _reference_limit()) if view.lm.dataset else None
+    queue, rule = _queue(view, df)
     hide = st.checkbox("Hide images already reviewed", value=True, key="rv_hide")
     done = store.decided_images()
     if hide and done:
@@ -198,8 +249,8 @@ def main() -> None:
         nav[2].caption(f"Image {pos + 1} of {len(queue):,}")
         row = queue.iloc[pos]
         with st.container(border=True):
-            _item(row, g, levels, dataset_embeddings(model_name, sha, limit, dataset))
-        if _decision_form(row, store, model_name, dataset, levels, session):
+            _item(row, g, levels, view.scored.embeddings)
+        if _decision_form(row, store, model_name, _taxonomy_options(view), levels, session):
             if not hide:
                 st.session_state[POS_KEY] = min(pos + 1, len(queue) - 1)
             st.rerun()
@@ -210,6 +261,7 @@ def main() -> None:
         st.rerun()
     st.divider()
     _decisions_panel(store)
+    _bundle_panel(view)
 
 
 try:

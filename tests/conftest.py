@@ -149,3 +149,43 @@ def assert_no_streamlit_errors(pg) -> None:
     assert exc.count() == 0, f"Streamlit exception on page: {exc.first.inner_text()[:2000]}"
     errors = [e for e in pg.console_errors if "favicon" not in e.lower()]
     assert not errors, f"browser console errors: {errors}"
+
+
+SAMPLE_ZIP = REPO / "data" / "sample" / "ndsb_sample.zip"
+
+
+def unlabelled_zip(path: Path, n: int = 48) -> Path:
+    """A flat zip of ``n`` real NDSB images from the shipped sample: no labels, no folders (a
+    cruise's regions of interest as a biologist has them)."""
+    import zipfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(SAMPLE_ZIP) as z:
+        names = sorted(m for m in z.namelist() if m.lower().endswith(".jpg"))[::25][:n]
+        with zipfile.ZipFile(path, "w") as out:
+            for m in names:
+                out.writestr(Path(m).name, z.read(m))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cruise() -> str:
+    """An unlabelled user collection ("cruise", 48 images) in the session's user data folder,
+    where the session's server sees it too."""
+    from data.collections import add_collection, user_collections
+
+    if "cruise" not in user_collections():
+        add_collection("cruise", unlabelled_zip(Path(os.environ["PLANKTON_LENS_DATA"]) / "uploads" / "cruise.zip"))
+    return "cruise"
+
+
+@pytest.fixture(scope="session")
+def scored_cruise(cruise) -> str:
+    """The "cruise" collection scored by the default model (explain.score)."""
+    from explain.score import run
+    from models.zoo import default_model_name
+
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    run(default_model_name(), cruise)
+    return cruise

@@ -21,7 +21,7 @@ pytestmark = requires_data
 NB, RV = "pages/neighbourhoods.py", "pages/review.py"
 
 
-def _app(page: str, query: dict | None = None):
+def _app(page: str, query: dict | None = None, collection: str | None = None):
     from streamlit.testing.v1 import AppTest
 
     from models.zoo import default_model_name
@@ -29,6 +29,8 @@ def _app(page: str, query: dict | None = None):
     if default_model_name() is None:
         pytest.skip("no model in the zoo")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
+    if collection:
+        at.session_state["collection"] = collection
     at.run()
     if query:
         at.query_params.update(query)
@@ -111,11 +113,12 @@ def _submit(at):
     return at.button[[b.label for b in at.button].index("Record decision")].click().run()
 
 
-def test_review_record_undo_and_restart(tmp_path, monkeypatch):
-    from explain.review_store import ReviewStore
+def test_review_record_undo_and_restart(scored_cruise, tmp_path, monkeypatch):
+    """Review on an unlabelled collection (a flat zip of images) scored once by explain.score."""
+    from explain.review_store import DB_NAME, ReviewStore
 
-    monkeypatch.setenv("PLANKTON_LENS_DATA", str(tmp_path))
-    at = _app(RV)
+    monkeypatch.setattr("explain.review_store.default_path", lambda: tmp_path / DB_NAME)
+    at = _app(RV, collection=scored_cruise)
     _ok(at)
     assert "images to review" in _texts(at)
     assert any(w.value.startswith("**Flagged:**") for w in at.warning)
@@ -144,7 +147,8 @@ def test_review_record_undo_and_restart(tmp_path, monkeypatch):
     assert (r["reviewer"], r["decision"], r["label"], r["label_level"], r["comment"]) == ("Ada", "assign_label", "crustaceans", "group", "antennae visible")
     assert r["reason"] in first and r["model"] == at.session_state["model_name"]
     # The reviewed image left the queue: another one is shown.
-    shown = next(c.value for c in at.caption if c.value.startswith("`ndsb:"))
+    shown = next(c.value for c in at.caption if c.value.startswith("`cruise:"))
+    assert "no validated label" in shown
     assert r["relpath"] not in shown
 
     at.radio(key="rv_decision").set_value("not_anomaly")
@@ -157,15 +161,15 @@ def test_review_record_undo_and_restart(tmp_path, monkeypatch):
     assert len(ReviewStore().decisions()) == 1
 
     # A restart (a new app session) sees the stored decision and offers the exports.
-    at2 = _app(RV)
+    at2 = _app(RV, collection=scored_cruise)
     _ok(at2)
     assert "1 reviewed so far" in _texts(at2)
     labels = [d.label for d in at2.get("download_button")]
     assert "CSV" in str(labels) and "EcoTaxa TSV" in str(labels)
 
 
-def test_review_flag_rules():
-    at = _app(RV)
+def test_review_flag_rules(scored_cruise):
+    at = _app(RV, collection=scored_cruise)
     _ok(at)
     at.radio(key="rv_kind").set_value("inconsistent").run()
     _ok(at)

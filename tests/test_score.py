@@ -14,21 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import REPO, requires_data
+from tests.conftest import REPO, requires_data, unlabelled_zip
 
 SAMPLE = REPO / "data" / "sample" / "ndsb_sample.zip"
 MODEL = "ndsb-bacnn"
 pytestmark = requires_data
-
-
-def unlabelled_zip(path: Path, n: int = 48) -> Path:
-    """A flat zip of ``n`` real NDSB images from the shipped sample, no labels, no folders."""
-    with zipfile.ZipFile(SAMPLE) as z:
-        names = sorted(m for m in z.namelist() if m.lower().endswith(".jpg"))[::25][:n]
-        with zipfile.ZipFile(path, "w") as out:
-            for m in names:
-                out.writestr(Path(m).name, z.read(m))
-    return path
 
 
 @pytest.fixture
