@@ -92,7 +92,7 @@ def reference_key(lm: LensModel) -> str:
     reference limit and the scoring constants (cheap: no image is decoded)."""
     limit = reference_limit()
     mkey = dataset_rows(lm.dataset, lm.manifest, limit)[2] if lm.dataset else "none"
-    parts = [lm.dataset, mkey, limit, KNN_K, KEEP, TOP_K, score_names("logits"), sorted(lm.manifest.get("heldout") or [])]
+    parts = [lm.dataset, mkey, limit, KNN_K, KEEP, "higher", TOP_K, score_names("logits"), sorted(lm.manifest.get("heldout") or [])]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
 
 
@@ -106,7 +106,7 @@ def _reference(name: str, sha: str, limit: int | None) -> Reference:
     known = ~val.rows["class"].isin(lm.manifest.get("heldout") or []).to_numpy()
     val = val.take(known)
     frame = score_outputs(lm, val.embeddings, val.logits, gallery, np.full(len(val.rows), -1))
-    thresholds = {c: float(np.nanquantile(frame[c].to_numpy(np.float64), KEEP))
+    thresholds = {c: float(np.nanquantile(frame[c].to_numpy(np.float64), KEEP, method="higher"))
                   for c in score_columns(lm.levels) if len(frame) and frame[c].notna().any()}
     cols = [c for c in ("relpath", "dataset", "class") if c in val.rows]
     validation = pd.concat([val.rows[cols].reset_index(drop=True), frame], axis=1)

@@ -1,83 +1,100 @@
 """Anomalies: images the model cannot give a valid answer for, found by the flatness of its logits.
 
 A usual activation has one class clearly above the rest; a flat one means "none of the classes
-I know". Histograms per taxonomic level of the chosen score for in-distribution test images,
-held-out classes, the other instrument (ZooLake for NDSB models) and known outliers; a
-threshold with live TPR / FPR / AUROC; the most anomalous images with links to the explain
-page and the neighbourhood view. All computation is in ``explain/ood.py`` and
-``explain/ood_evaluation.py``; this page caches and lays it out.
+I know". The page reads the scored table of the sidebar's collection (explain/score.py: every
+image scored once, labelled or not) and draws, per taxonomic level, the chosen score's histogram
+for the model's own validation images (known, the reference of every threshold) beside the
+collection's images: split, where the collection is labelled, into classes the model knows and
+classes it does not. A threshold with live TPR / FPR / AUROC; the most anomalous images of the
+collection with links to the explain page and the neighbourhood view.
 """
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from data.decode import ImageDecodeError
-from data.sources import DatasetNotFound
-from explain.ood import CONFIG, auroc, fpr_at_tpr, is_log_probability, list_scores, rates_at, threshold_at_tpr
-from explain.ood_evaluation import (Evaluation, display_image, evaluation, group_level, is_evaluated, known_group_unknown,
-                                   most_anomalous, typical_index)
-from models.checkpoint import CheckpointError
-from pages.common import current_model, dataset_missing_message, model_dataset_problem, run_with_progress, size_choice
+from data.decode import ImageDecodeError, keeps_colour, load_for_model
+from explain.ood import CONFIG, auroc, fpr_at_tpr, get_score, is_log_probability, rates_at
+from pages.common import COMPUTE_LOCK, ScoredView, get_source, scored_collection, thumbnail
 
 log = logging.getLogger("plankton_lens.anomalies")
 ROOT = Path(__file__).resolve().parent.parent
-SEL_KEY = "anomalies_selected"  # (model name, set name, index)
-#: Images per class and split of the quick sample (the same subset, and cache, as the neighbourhood map's).
-QUICK = int(os.environ.get("PLANKTON_LENS_QUICK_MAP", "10"))
+SEL_KEY = "anomalies_selected"  # (model key, collection, table row)
 GALLERY_N = 12
-KIND_COLOURS = {"id": "#0072B2", "heldout": "#E69F00", "other": "#009E73"}  # Okabe-Ito
-OUTLIER_COLOURS = ["#CC79A7", "#D55E00", "#56B4E9", "#F0E442"]
+VAL = "known (validation)"
+COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9"]  # Okabe-Ito
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def get_evaluation(name: str, sha: str, limit: int | None) -> Evaluation:
-    """The model's OOD evaluation (disk-cached; ``sha`` keys a retrained model)."""
-    return evaluation(name, limit)
+def image_sets(view: ScoredView) -> dict[str, pd.DataFrame]:
+    """The histograms' image sets: the model's validation images (known), then the collection's
+    readable images, split where it is labelled into known classes / classes unknown to the
+    model (held-out ones included) / unlabelled images. For the model's own dataset the known
+    classes are its test split (images it never trained on)."""
+    out: dict[str, pd.DataFrame] = {}
+    if view.scored.validation is not None and len(view.scored.validation):
+        out[VAL] = view.scored.validation
+    t = view.table[view.table["readable"]]
+    leaf_names = set(view.lm.classifier.class_names[view.levels[-1]])
+    heldout = set(view.lm.manifest.get("heldout") or [])
+    unlabelled = t["class"] == "unlabelled"
+    unknown = ~unlabelled & (~t["class"].isin(leaf_names) | t["class"].isin(heldout))
+    known = ~unlabelled & ~unknown
+    own = view.collection == view.lm.dataset
+    if own:
+        known &= t["split"] == "test"
+    parts = {f"{view.collection}: test images of known classes" if own else f"{view.collection}: known classes": known,
+             f"{view.collection}: held-out classes" if own else f"{view.collection}: classes unknown to the model": unknown,
+             f"{view.collection}: unlabelled": unlabelled}
+    for name, m in parts.items():
+        if m.any():
+            out[name] = t[m]
+    return out
 
 
-@st.cache_data(show_spinner=False, max_entries=1024)
-def _image(name: str, sha: str, limit: int | None, set_name: str, i: int, size: int) -> np.ndarray | None:
+def score_options(view: ScoredView) -> dict[str, str]:
+    """Score id → label, for the scores the table holds (logit scores per level, kNN distance)."""
+    have = set(view.table.columns)
+    out = {}
+    for name in dict.fromkeys(c[len("ood_"):].rsplit("_", 1)[0] for c in view.scored.meta["score_columns"] if c.startswith("ood_")):
+        if any(f"ood_{name}_{lvl}" in have for lvl in view.levels):
+            out[name] = get_score(name).label
+    if "knn_score" in have and view.table["knn_score"].notna().any():
+        out["knn"] = get_score("knn").label if _registered("knn") else "kNN distance"
+    return out
+
+
+def _registered(name: str) -> bool:
     try:
-        return np.asarray(display_image(get_evaluation(name, sha, limit), set_name, i, size))
+        get_score(name)
+        return True
+    except KeyError:
+        return False
+
+
+def column(score: str, level: str) -> str:
+    return "knn_score" if score == "knn" else f"ood_{score}_{level}"
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _logits(model_key: str, dataset: str, relpath: str, _view: ScoredView) -> dict[str, np.ndarray] | None:
+    """The calibrated logits of one image, per level (one forward pass; None when unreadable)."""
+    from explain.embeddings import compute_outputs
+
+    src, model = get_source(dataset), _view.lm.classifier
+    try:
+        fg, _, _ = load_for_model(src.read_bytes(relpath), int(model.preprocessing["size"]), mode=src.mode,
+                                  background=src.background, colour=keeps_colour(model.preprocessing, src.mode))
     except (ImageDecodeError, OSError, KeyError):
         return None
-
-
-def _size_choice(name: str) -> int | None:
-    """Full evaluation or quick sample; the full one is the default once it is cached."""
-    return size_choice("ood", is_evaluated(name), "Evaluation set", "Full test split",
-                       "The full evaluation scores every image of the dataset (minutes on a CPU the first time, then "
-                       "cached); the quick sample a few per class.",
-                       "The full evaluation has not been computed for this model yet: it scores every image of the "
-                       f"dataset, {CONFIG['other_sample']:,} images of the other instrument and "
-                       f"{3 * CONFIG['outliers_per_kind']} known outliers once (several minutes on a CPU).",
-                       "Compute the full evaluation now", QUICK)
-
-
-def _ensure(name: str, limit: int | None) -> None:
-    """Compute the evaluation once with a progress bar (outside the resource cache)."""
-    if is_evaluated(name, limit):
-        return
-    run_with_progress("Scoring images once for this model…",
-                      lambda on_progress: evaluation(name, limit, on_progress=on_progress), prefix="Scoring: ")
-
-
-def _colours(ev: Evaluation) -> dict[str, str]:
-    out, k = {}, 0
-    for n, s in ev.sets.items():
-        if s.kind in KIND_COLOURS:
-            out[n] = KIND_COLOURS[s.kind]
-        else:
-            out[n] = OUTLIER_COLOURS[k % len(OUTLIER_COLOURS)]
-            k += 1
-    return out
+    with COMPUTE_LOCK:
+        _, logits = compute_outputs(model, fg[None])
+    return {k: v[0] for k, v in logits.items()}
 
 
 def _robust_range(values: list[np.ndarray]) -> tuple[float, float]:
@@ -112,175 +129,204 @@ def _logit_bars(logits: np.ndarray, names: list[str], title: str, y_range: tuple
 
 
 # --- page -------------------------------------------------------------------------------------
-st.title("Anomalies")
-st.caption("A classifier's usual activation has one class clearly above the rest; a **flat** activation means it "
-           "cannot give a valid answer. Scores: higher = more anomalous. TPR = in-distribution images kept (score ≤ "
-           "threshold), FPR = OOD images kept.")
+def main() -> None:
+    view = scored_collection("Anomalies", "A classifier's usual activation has one class clearly above the rest; a "
+                             "**flat** activation means it cannot give a valid answer. Scores: higher = more "
+                             "anomalous. TPR = the model's known validation images kept (score ≤ threshold), "
+                             "FPR = images of the reference set kept.")
+    if view is None:
+        return
+    lm, levels, leaf = view.lm, view.levels, view.levels[-1]
+    sets = image_sets(view)
+    coll_sets = [n for n in sets if n != VAL]
+    if not coll_sets:
+        st.warning(f"No readable image in {view.collection}.")
+        return
+    colours = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(sets)}
+    scores = score_options(view)
+    c1, c2, c3 = st.columns([1.2, 1, 1.4])
+    if st.session_state.get("ood_score") not in scores:
+        st.session_state.pop("ood_score", None)
+    score = c1.selectbox("Score", list(scores), format_func=scores.get, key="ood_score",
+                         help="Logit scores measure how flat one level's logits are; the kNN distance how far the "
+                              "image's embedding lies from the model's training images.")
+    is_logit = score != "knn"
+    level = c2.selectbox("Level", list(levels), index=len(levels) - 1, key="ood_level", disabled=not is_logit,
+                         help="Taxonomic level whose logits are scored (the kNN distance does not depend on it).")
+    level = level if is_logit else leaf
+    col = column(score, level)
+    default_ref = next((n for n in coll_sets if "held-out" in n or "unknown" in n), coll_sets[0])
+    ref = c3.selectbox("Reference set for FPR / AUROC", coll_sets, index=coll_sets.index(default_ref), key="ood_ref")
+    shown = st.multiselect("Sets shown", list(sets), default=list(sets), key="ood_shown")
+    if VAL not in sets:
+        st.info(f"{lm.name} has no validation images here (no training dataset), so thresholds and TPR are read off "
+                f"{view.collection} itself.")
+    if is_logit and score in ("max_logit", "energy") and VAL in sets and \
+            lm.classifier.num_classes(level) > 1 and _log_prob_level(view, level):
+        st.warning(f"This model's {level!r} outputs are already log-probabilities (they are summed from the level below), "
+                   "so max logit and energy carry no information there; use the leaf level or another score.")
+    s = {n: df[col].to_numpy(np.float64) for n, df in sets.items() if col in df}
+    known_name = VAL if VAL in s else coll_sets[0]
+    known_s, ref_s = s[known_name], s[ref]
+    thr95 = float(view.scored.thresholds.get(col, np.nanquantile(known_s, CONFIG["tpr"], method="higher")))
+    lo, hi = _robust_range([s[n] for n in shown if n in s] + [known_s, ref_s])
+    lo, hi = min(lo, thr95), max(hi, thr95)
+    if hi <= lo:
+        hi = lo + 1e-6
+    thr = st.slider("Threshold (flag as anomalous above)", min_value=lo, max_value=hi, value=thr95, step=(hi - lo) / 400,
+                    format="%.4f", key=f"ood_thr::{lm.name}::{view.collection}::{col}",
+                    help=f"Starts at the threshold that keeps {view.scored.meta['keep']:.0%} of the model's validation images.")
+    r = rates_at(known_s, ref_s, thr)
+    m = st.columns(4)
+    m[0].metric("TPR (known images kept)", f"{r['tpr']:.1%}")
+    m[1].metric(f"FPR ({ref} kept)", f"{r['fpr']:.1%}")
+    m[2].metric(f"AUROC ({ref})", f"{auroc(known_s, ref_s):.3f}")
+    m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{fpr_at_tpr(known_s, ref_s):.1%}")
 
-picked = current_model()
-if picked is None:
-    st.stop()
-model, man = picked.classifier, picked.manifest
-name, sha = picked.name, picked.sha256
-if (problem := model_dataset_problem(picked, "score")):
-    st.warning(problem)
-    st.stop()
-limit = _size_choice(name)
-try:
-    _ensure(name, limit)
-    ev = get_evaluation(name, sha, limit)
-except DatasetNotFound:
-    dataset_missing_message()
-    st.stop()
-except (CheckpointError, OSError, ValueError) as e:
-    log.exception("OOD evaluation failed")
-    st.error(f"The OOD evaluation of {name!r} could not be computed: {e}")
-    st.stop()
+    # the collection's most anomalous images; the selection (gallery buttons set it)
+    pool = pd.concat([sets[n].assign(_set=n) for n in coll_sets])
+    top = pool.sort_values(col, ascending=False, kind="stable").head(GALLERY_N)
+    sel = st.session_state.get(SEL_KEY)
+    if not (sel and sel[0] == lm.key and sel[1] == view.collection and sel[2] in view.table.index):
+        sel = (lm.key, view.collection, int(top.index[0]))
+    sel_row = view.table.loc[sel[2]]
+    sel_score = float(sel_row[col])
 
-id_name = ev.set_of("id")[0]
-ood_names = [n for n in ev.sets if n != id_name and len(ev.sets[n])]
-colours = _colours(ev)
-leaf = ev.levels[-1]
+    fig = go.Figure()
+    for n in shown:
+        if n not in s:
+            continue
+        v = np.clip(s[n][np.isfinite(s[n])], lo, hi)
+        fig.add_trace(go.Histogram(x=v, name=f"{n} ({len(v):,})", histnorm="probability density", opacity=0.55,
+                                   nbinsx=60, marker_color=colours[n]))
+    fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="threshold", annotation_position="top left")
+    fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
+                  annotation_position="top right")
+    fig.update_layout(barmode="overlay", height=380, margin=dict(t=30, l=10, r=10, b=10),
+                      xaxis_title=scores[score] + (f" · {level}" if is_logit else ""), yaxis_title="density",
+                      legend=dict(orientation="h", y=-0.25))
+    st.plotly_chart(fig, key="ood_hist")
+    st.caption(f"Values outside the 0.5–99.5 % range ({lo:.3g} … {hi:.3g}) are drawn at its edges. Flagged above the "
+               "threshold: " + ", ".join(f"{n} {np.mean(s[n] > thr):.0%}" for n in shown if n in s))
 
-c1, c2, c3 = st.columns([1.2, 1, 1.4])
-scores = {e.name: e for e in list_scores()}
-if st.session_state.get("ood_score") not in scores:
-    st.session_state.pop("ood_score", None)
-score = c1.selectbox("Score", list(scores), format_func=lambda s: scores[s].label, key="ood_score",
-                     help="Logit scores measure how flat one level's logits are; feature scores ("
-                          + ", ".join(e.label for e in scores.values() if e.reads == "features")
-                          + ") measure how far the image's embedding lies from the training images.")
-score_label = scores[score].label
-is_logit = scores[score].reads == "logits"
-level = c2.selectbox("Level", list(ev.levels), index=len(ev.levels) - 1, key="ood_level", disabled=not is_logit,
-                     help="Taxonomic level whose logits are scored (feature scores do not depend on it).")
-level = level if is_logit else leaf
-default_ref = "held-out classes" if len(ev.sets["held-out classes"]) else (ood_names[0] if ood_names else None)
-if default_ref is None:
-    st.warning("There is no OOD image set for this model (the other instrument's dataset is missing).")
-    st.stop()
-ref = c3.selectbox("OOD set for TPR / FPR / AUROC", ood_names, index=ood_names.index(default_ref), key="ood_ref")
-shown = st.multiselect("Sets shown", [n for n in ev.sets if len(ev.sets[n])], default=[n for n in ev.sets if len(ev.sets[n])],
-                       key="ood_shown")
-if not len(ev.sets["held-out classes"]):
-    st.info(f"{name} was trained on every class, so its held-out histogram is empty. Pick a held-out model "
-            "(trained with `--holdout default`, e.g. ndsb-bacnn-heldout) in the sidebar to see unseen classes.")
-if is_logit and score in ("max_logit", "energy") and is_log_probability(ev.sets[id_name].logits[level]):
-    st.warning(f"This model's {level!r} outputs are already log-probabilities (they are summed from the level below), "
-               "so max logit and energy carry no information there; use the leaf level or another score.")
+    if is_logit and len(levels) > 1:
+        with st.expander("Every level", expanded=False):
+            pf = make_subplots(rows=1, cols=len(levels), subplot_titles=list(levels))
+            for j, lvl in enumerate(levels, 1):
+                c_ = column(score, lvl)
+                vals = {n: sets[n][c_].to_numpy(np.float64) for n in shown if c_ in sets[n]}
+                a, b = _robust_range(list(vals.values()))
+                for n, v in vals.items():
+                    pf.add_trace(go.Histogram(x=np.clip(v[np.isfinite(v)], a, max(b, a + 1e-6)), histnorm="probability density",
+                                              opacity=0.55, nbinsx=40, marker_color=colours[n], name=n, showlegend=j == 1,
+                                              legendgroup=n), 1, j)
+            pf.update_layout(barmode="overlay", height=300, margin=dict(t=30, l=10, r=10, b=10),
+                             legend=dict(orientation="h", y=-0.3))
+            st.plotly_chart(pf, key="ood_levels")
 
-try:
-    s = ev.scores(score, level)
-except (ValueError, np.linalg.LinAlgError) as e:
-    st.error(f"The {score_label} score cannot be computed for this model: {e}")
-    st.stop()
-id_s, ref_s = s[id_name], s[ref]
-thr95 = threshold_at_tpr(id_s)
-lo, hi = _robust_range([s[n] for n in shown] + [id_s, ref_s])
-lo, hi = min(lo, thr95), max(hi, thr95)
-if hi <= lo:
-    hi = lo + 1e-6
-thr = st.slider("Threshold (flag as anomalous above)", min_value=lo, max_value=hi, value=float(thr95), step=(hi - lo) / 400,
-                format="%.4f", key=f"ood_thr::{name}::{score}::{level}",
-                help=f"Starts at the threshold that keeps {CONFIG['tpr']:.0%} of in-distribution test images.")
-r = rates_at(id_s, ref_s, thr)
-m = st.columns(4)
-m[0].metric("TPR (in-distribution kept)", f"{r['tpr']:.1%}")
-m[1].metric(f"FPR ({ref} kept)", f"{r['fpr']:.1%}")
-m[2].metric(f"AUROC ({ref})", f"{auroc(id_s, ref_s):.3f}")
-m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{fpr_at_tpr(id_s, ref_s):.1%}")
+    _activations(view, sets, score, scores[score], level, col, thr, sel_row)
+    _known_group(view, sets, score, shown)
+    _gallery(view, top, col)
 
-# selection (gallery buttons set it; default: the most anomalous shown image)
-top = most_anomalous(ev, score, level, shown or [ref], GALLERY_N)
-sel = st.session_state.get(SEL_KEY)
-if not (sel and sel[0] == name and sel[1] in ev.sets and 0 <= sel[2] < len(ev.sets[sel[1]])):
-    sel = (name, str(top.iloc[0]["set"]), int(top.iloc[0]["index"])) if len(top) else (name, id_name, 0)
-sel_set, sel_i = sel[1], sel[2]
-sel_score = float(s[sel_set][sel_i])
 
-# histogram of the chosen level
-fig = go.Figure()
-for n in shown:
-    v = np.clip(s[n], lo, hi)
-    fig.add_trace(go.Histogram(x=v, name=f"{n} ({len(v):,})", histnorm="probability density", opacity=0.55, nbinsx=60,
-                               marker_color=colours[n]))
-fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="threshold", annotation_position="top left")
-fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
-              annotation_position="top right")
-fig.update_layout(barmode="overlay", height=380, margin=dict(t=30, l=10, r=10, b=10),
-                  xaxis_title=f"{score_label}" + (f" · {level}" if is_logit else ""), yaxis_title="density",
-                  legend=dict(orientation="h", y=-0.25))
-st.plotly_chart(fig, key="ood_hist")
-st.caption(f"Values outside the 0.5–99.5 % range ({lo:.3g} … {hi:.3g}) are drawn at its edges. "
-           f"Flagged above the threshold: " + ", ".join(f"{n} {np.mean(s[n] > thr):.0%}" for n in shown))
+def _log_prob_level(view: ScoredView, level: str) -> bool:
+    val = view.scored.validation
+    row = val.iloc[0] if val is not None and len(val) else None
+    if row is None:
+        return False
+    z = _logits(view.lm.key, view.lm.dataset, str(row["relpath"]), view)
+    return z is not None and is_log_probability(z[level][None])
 
-if is_logit and len(ev.levels) > 1:
-    with st.expander("Every level", expanded=False):
-        pf = make_subplots(rows=1, cols=len(ev.levels), subplot_titles=list(ev.levels))
-        for j, lvl in enumerate(ev.levels, 1):
-            sl = ev.scores(score, lvl)
-            a, b = _robust_range([sl[n] for n in shown])
-            for n in shown:
-                pf.add_trace(go.Histogram(x=np.clip(sl[n], a, max(b, a + 1e-6)), histnorm="probability density", opacity=0.55,
-                                          nbinsx=40, marker_color=colours[n], name=n, showlegend=j == 1, legendgroup=n), 1, j)
-        pf.update_layout(barmode="overlay", height=300, margin=dict(t=30, l=10, r=10, b=10), legend=dict(orientation="h", y=-0.3))
-        st.plotly_chart(pf, key="ood_levels")
 
-# the selected image's logits beside a typical in-distribution image's
-st.subheader("Usual and flat activations")
-bar_level = level
-t_i = typical_index(ev, score, level)
-z_typ = ev.sets[id_name].logits[bar_level][t_i]
-z_sel = ev.sets[sel_set].logits[bar_level][sel_i]
-fin = np.concatenate([z_typ[np.isfinite(z_typ)], z_sel[np.isfinite(z_sel)]])
-y_range = (float(min(0.0, fin.min())) - 0.5, float(fin.max()) + 0.5) if len(fin) else (0.0, 1.0)
-names = ev.class_names[bar_level]
-cols = st.columns(2)
-for col, (title, set_name, i, z) in zip(cols, [("Typical in-distribution image", id_name, t_i, z_typ),
-                                               ("Selected image", sel_set, sel_i, z_sel)]):
-    with col:
-        a, b = st.columns([1, 2.2])
-        img = _image(name, sha, limit, set_name, i, 160)
-        if img is not None:
-            a.image(img, width=160)
-        row = ev.sets[set_name].rows.iloc[i]
-        b.markdown(f"**{title}**  \n{set_name} · class `{row['class']}`  \n{score_label}: **{float(s[set_name][i]):.4g}**"
-                   + (f" ({'flagged' if s[set_name][i] > thr else 'kept'})"))
-        if title.startswith("Typical"):
-            b.caption("The correctly classified test image with the median score: a usual activation.")
-        if title == "Selected image" and row.get("source"):
-            b.caption(f"made from {row['source']}")
-        st.plotly_chart(_logit_bars(np.where(np.isfinite(z), z, np.nan), names, f"{bar_level} logits (top 30 of {len(names)})",
-                                    y_range), key=f"ood_bars_{title[:4]}")
+def _typical(view: ScoredView, sets: dict[str, pd.DataFrame], col: str) -> pd.Series | None:
+    """A usual activation: the correctly classified validation image with the median score."""
+    val = sets.get(VAL)
+    if val is None or not len(val):
+        return None
+    leaf = view.levels[-1]
+    ok = val[val[f"pred_{leaf}"] == val["class"]] if "class" in val else val
+    ok = ok if len(ok) else val
+    ok = ok.sort_values(col, kind="stable")
+    return ok.iloc[len(ok) // 2]
 
-# known group, unknown class
-grp = group_level(ev)
-if grp and is_logit:
-    kgu = known_group_unknown(ev, score)
+
+def _activations(view: ScoredView, sets, score: str, label: str, level: str, col: str, thr: float,
+                 sel_row: pd.Series) -> None:
+    """The selected image's logits beside a typical known image's."""
+    st.subheader("Usual and flat activations")
+    typ = _typical(view, sets, col)
+    items = []
+    if typ is not None:
+        items.append(("Typical known image", view.lm.dataset, typ))
+    items.append(("Selected image", view.collection, sel_row))
+    zs = [_logits(view.lm.key, ds, str(r["relpath"]), view) for _, ds, r in items]
+    fin = np.concatenate([z[level][np.isfinite(z[level])] for z in zs if z is not None] or [np.zeros(1)])
+    y_range = (float(min(0.0, fin.min())) - 0.5, float(fin.max()) + 0.5)
+    names = view.lm.classifier.class_names[level]
+    cols = st.columns(2)
+    for c, (title, ds, r), z in zip(cols, items, zs):
+        with c:
+            a, b = st.columns([1, 2.2])
+            img = thumbnail(ds, str(r["relpath"]), 160)
+            if img is not None:
+                a.image(img, width=160)
+            truth = r.get("class")
+            truth = "no validated label" if truth in (None, "unlabelled") else f"label `{truth}`"
+            v = float(r[col])
+            b.markdown(f"**{title}**  \n{ds} · {truth}  \npredicted `{r[f'pred_{view.levels[-1]}']}`  \n"
+                       f"{label}: **{v:.4g}** ({'flagged' if v > thr else 'kept'})")
+            if title.startswith("Typical"):
+                b.caption("The correctly classified validation image with the median score: a usual activation.")
+            if z is not None:
+                st.plotly_chart(_logit_bars(np.where(np.isfinite(z[level]), z[level], np.nan), names,
+                                            f"{level} logits (top 30 of {len(names)})", y_range), key=f"ood_bars_{title[:4]}")
+
+
+def _known_group(view: ScoredView, sets, score: str, shown: list[str]) -> None:
+    """Peaked group head and flat leaf head: a known group, an unknown class."""
+    levels = view.levels
+    grp = "group" if "group" in levels else (levels[-2] if len(levels) > 1 else None)
+    if grp is None or score == "knn":
+        return
+    cg, cl = column(score, grp), column(score, levels[-1])
+    tg, tl = view.scored.thresholds.get(cg), view.scored.thresholds.get(cl)
+    if tg is None or tl is None:
+        return
     st.subheader("Known group, unknown class")
-    st.caption(f"Peaked {grp} head and flat {leaf} head: {grp} score below and {leaf} score above the thresholds that keep "
-               f"{CONFIG['tpr']:.0%} of in-distribution images at each level.")
+    st.caption(f"Peaked {grp} head and flat {levels[-1]} head: {grp} score below and {levels[-1]} score above the "
+               f"thresholds that keep {view.scored.meta['keep']:.0%} of the model's validation images at each level.")
     kc = st.columns(len(shown) or 1)
-    for col, n in zip(kc, shown):
-        col.metric(n, f"{kgu[n].mean():.1%}")
-        col.caption(f"{int(kgu[n].sum()):,} of {len(kgu[n]):,} images")
-    if sel_set in kgu and kgu[sel_set][sel_i]:
-        g_name = ev.class_names[grp][int(np.nanargmax(ev.sets[sel_set].logits[grp][sel_i]))]
-        st.success(f"The selected image is a case of **known group, unknown class**: {grp} `{g_name}`, class unknown.")
+    for c, n in zip(kc, shown):
+        df = sets[n]
+        hit = (df[cg] <= tg) & (df[cl] > tl)
+        c.metric(n, f"{hit.mean():.1%}")
+        c.caption(f"{int(hit.sum()):,} of {len(df):,} images")
 
-# gallery of the most anomalous images
-st.subheader("Most anomalous images")
-st.caption("Among the sets shown, by the chosen score. Dataset images link to the explain page and the neighbourhood view.")
-for k, rw in top.iterrows():
-    if k % 6 == 0:
-        gcols = st.columns(6)
-    with gcols[k % 6]:
-        img = _image(name, sha, limit, rw["set"], int(rw["index"]), 112)
-        if img is not None:
-            st.image(img, width=112)
-        st.caption(f"{rw['set']}  \n`{rw['class']}` · {rw['score']:.3g}")
-        if st.button("Select", key=f"ood_pick_{k}", width="stretch"):
-            st.session_state[SEL_KEY] = (name, str(rw["set"]), int(rw["index"]))
-            st.rerun()
-        _page_link("pages/classify.py", "Explain", rw["link"])
-        _page_link("pages/neighbourhoods.py", "Neighbours", rw["link"])
+
+def _gallery(view: ScoredView, top: pd.DataFrame, col: str) -> None:
+    st.subheader("Most anomalous images")
+    st.caption(f"The {len(top)} highest-scoring images of {view.collection}; each links to the explain page and the "
+               "neighbourhood view.")
+    leaf = view.levels[-1]
+    for k, (i, rw) in enumerate(top.iterrows()):
+        if k % 6 == 0:
+            gcols = st.columns(6)
+        with gcols[k % 6]:
+            img = thumbnail(rw["dataset"], rw["relpath"], 112)
+            if img is not None:
+                st.image(img, width=112)
+            truth = "" if rw["class"] == "unlabelled" else f"`{rw['class']}` · "
+            st.caption(f"{truth}predicted `{rw[f'pred_{leaf}']}` · {rw[col]:.3g}")
+            if st.button("Select", key=f"ood_pick_{k}", width="stretch"):
+                st.session_state[SEL_KEY] = (view.lm.key, view.collection, int(i))
+                st.rerun()
+            link = f"{rw['dataset']}:{rw['relpath']}"
+            _page_link("pages/classify.py", "Explain", link)
+            _page_link("pages/neighbourhoods.py", "Neighbours", link)
+
+
+try:
+    main()
+except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
+    log.exception("anomalies page failed")
+    st.error(f"Something went wrong on this page ({type(e).__name__}: {e}).")

@@ -143,6 +143,11 @@ def collection_picker() -> str | None:
         own = next((m.get("dataset") for m in zoo_table() if m["name"] == model and "error" not in m), None)
         current = own if own in names else names[0]
     sources = get_sources()
+    linked = st.query_params.get("collection")  # a deep link (?collection=NAME): only a known name is taken
+    if linked in names and st.session_state.get("_collection_linked") != linked:
+        st.session_state["_collection_linked"] = linked
+        current = linked
+        st.session_state["_collection_select"] = linked
     st.session_state[COLLECTION_KEY] = st.sidebar.selectbox(
         "Images", names, index=names.index(current), key="_collection_select",
         format_func=lambda n: f"{n} (sample)" if sources[n].sample else n,

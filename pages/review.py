@@ -79,7 +79,7 @@ def _queue(view: ScoredView, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
                                  help="Threshold at this percentile of the model's own validation images.")
         val = view.scored.validation
         ref = val[name].to_numpy(np.float64) if val is not None and name in val else df[name].to_numpy(np.float64)
-        thr = float(np.nanquantile(ref, keep / 100))
+        thr = float(np.nanquantile(ref, keep / 100, method="higher"))
         where = "the model's validation images" if val is not None else "this collection (the model has no validation images)"
         return (flag_by_score(base, name, thr, score_label(name, levels)),
                 f"{score_label(name, levels)} ≥ {thr:.3f} ({keep:g}th percentile of {where})")

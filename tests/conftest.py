@@ -189,3 +189,24 @@ def scored_cruise(cruise) -> str:
         pytest.skip("no model in the zoo")
     run(default_model_name(), cruise)
     return cruise
+
+
+@pytest.fixture(scope="session")
+def scored_sample() -> str:
+    """The shipped NDSB sample as a labelled user collection ("sample", 1,209 images, classes the
+    default model knows), scored by the default model."""
+    import shutil
+
+    from data.collections import add_collection, user_collections
+    from explain.score import run
+    from models.zoo import default_model_name
+
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    if "sample" not in user_collections():
+        dst = Path(os.environ["PLANKTON_LENS_DATA"]) / "uploads" / "sample.zip"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SAMPLE_ZIP, dst)
+        add_collection("sample", dst)
+    run(default_model_name(), "sample")
+    return "sample"

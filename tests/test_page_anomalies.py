@@ -1,5 +1,6 @@
-"""The "Anomalies" page: AppTest runs (scores, levels, threshold, gallery selection) and a real
-browser session (the threshold slider moves, the gallery renders)."""
+"""The "Anomalies" page on scored tables: AppTest runs (scores, levels, threshold, gallery
+selection) on a labelled and an unlabelled collection, and a real browser session (the threshold
+slider moves, the gallery renders, a gallery link explains its image)."""
 from __future__ import annotations
 
 import re
@@ -9,14 +10,13 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from explain.ood import get_score, score_names
-from tests.conftest import ARTIFACTS, REPO, requires_data, requires_full_data, wait_for_app
+from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
 
 pytestmark = requires_data
 PAGE = "pages/anomalies.py"
 
 
-def _app():
+def _app(collection: str):
     from streamlit.testing.v1 import AppTest
 
     from models.zoo import default_model_name
@@ -24,6 +24,7 @@ def _app():
     if default_model_name() is None:
         pytest.skip("no model in the zoo")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=900)
+    at.session_state["collection"] = collection
     at.run()
     assert not at.exception, at.exception
     return at.switch_page(PAGE).run()
@@ -42,45 +43,65 @@ def _selected_text(at) -> str:
     return next(m.value for m in at.markdown if "**Selected image**" in m.value)
 
 
-@requires_full_data  # its TPR figure is that of the full test split
-def test_page_scores_threshold_and_gallery():
-    at = _app()
+def test_page_scores_threshold_and_gallery(scored_sample):
+    at = _app(scored_sample)
     _ok(at)
     assert at.title[0].value == "Anomalies"
     labels = [m.label for m in at.metric]
     assert any(lbl.startswith("TPR") for lbl in labels) and any(lbl.startswith("AUROC") for lbl in labels)
-    assert _metric(at, "TPR") == "95.0%"  # the slider starts at the 95 %-TPR threshold
+    assert _metric(at, "TPR") == "95.0%"  # the slider starts at the threshold keeping 95 % of validation images
     assert len(at.get("plotly_chart")) >= 3  # histogram + two logit bar charts
+    assert "known (validation)" in at.multiselect(key="ood_shown").value
     buttons = [b for b in at.button if b.key and b.key.startswith("ood_pick_")]
     assert len(buttons) == 12
 
-    # Moving the threshold to the slider's minimum flags almost everything: TPR falls.
-    sl = at.slider[0]
+    sl = at.slider[0]  # the slider's minimum flags almost everything: TPR falls
     sl.set_value(sl.min).run()
     _ok(at)
     assert float(_metric(at, "TPR").rstrip("%")) < 50.0
 
-    # Selecting a gallery image shows it beside the typical image.
-    first = _selected_text(at)
+    first = _selected_text(at)  # a gallery image, selected, replaces the selected image
     at.button(key="ood_pick_5").click().run()
     _ok(at)
     assert _selected_text(at) != first
 
 
-@pytest.mark.parametrize("score", [s for s in score_names() if s != "msp"])  # msp: the default, tested above
-def test_every_score_runs(score):
-    at = _app()
-    at.selectbox(key="ood_score").set_value(score).run()
+def test_every_score_and_level_runs(scored_sample):
+    at = _app(scored_sample)
+    options = at.selectbox(key="ood_score").options
+    assert len(options) >= 6  # five logit scores and the kNN distance
+    for label in options:
+        at.selectbox(key="ood_score").set_value(next(k for k in ["msp", "max_logit", "entropy", "energy", "gen", "knn"]
+                                                     if label.startswith(_label(k)))).run()
+        _ok(at)
+        assert _metric(at, "AUROC")
+        assert at.selectbox(key="ood_level").disabled == label.startswith("kNN")
+    at.selectbox(key="ood_score").set_value("entropy").run()
+    for lvl in at.selectbox(key="ood_level").options:
+        at.selectbox(key="ood_level").set_value(lvl).run()
+        _ok(at)
+    assert any(s.value == "Known group, unknown class" for s in at.subheader)
+
+
+def _label(name: str) -> str:
+    from explain.ood import get_score
+
+    return get_score(name).label
+
+
+def test_unlabelled_collection(scored_cruise):
+    """An unlabelled collection: its images against the model's validation images, no ground truth."""
+    at = _app(scored_cruise)
     _ok(at)
-    assert _metric(at, "AUROC")
-    level_box = at.selectbox(key="ood_level")
-    assert level_box.disabled == (get_score(score).reads == "features")
+    assert at.selectbox(key="ood_ref").options == ["cruise: unlabelled"]
+    assert "no validated label" in _selected_text(at)
+    assert len([b for b in at.button if b.key and b.key.startswith("ood_pick_")]) == 12
 
 
-def test_a_registered_logit_score_is_offered_and_runs():
-    """A score added to the registry (test-local, removed afterwards) is one more option of the
-    page's score picker, scored per level like the others."""
+def test_a_registered_logit_score_becomes_table_columns():
+    """A score added to the registry is one more set of table columns, scored per level."""
     from explain import ood
+    from explain.score import score_columns
 
     @ood.register_score("test_margin", "− top-2 logit margin (test)", "logits")
     def _margin(logits):
@@ -88,32 +109,10 @@ def test_a_registered_logit_score_is_offered_and_runs():
         return top[:, -2] - top[:, -1]
 
     try:
-        at = _app()
-        _ok(at)
-        box = at.selectbox(key="ood_score")
-        assert box.options == [e.label for e in ood.list_scores()] and box.options[-1] == "− top-2 logit margin (test)"
-        box.set_value("test_margin").run()
-        _ok(at)
-        assert _metric(at, "AUROC") and not at.selectbox(key="ood_level").disabled
-        assert "− top-2 logit margin (test): **" in _selected_text(at)
+        cols = score_columns(("group", "class"))
+        assert "ood_test_margin_group" in cols and "ood_test_margin_class" in cols
     finally:
         ood.unregister_score("test_margin")
-
-
-def test_levels_and_known_group_unknown_class():
-    at = _app()
-    levels = at.selectbox(key="ood_level").options
-    assert len(levels) >= 2
-    for lvl in levels[:-1]:
-        at.selectbox(key="ood_level").set_value(lvl).run()
-        _ok(at)
-    assert any(s.value == "Known group, unknown class" for s in at.subheader)
-    # Another OOD reference set changes the FPR label.
-    ref = at.selectbox(key="ood_ref")
-    other = [o for o in ref.options if o != ref.value][0]
-    ref.set_value(other).run()
-    _ok(at)
-    assert any(m.label == f"FPR ({other} kept)" for m in at.metric)
 
 
 def _assert_clean(pg, base: str) -> None:
@@ -130,12 +129,11 @@ def _assert_clean(pg, base: str) -> None:
     assert not bad, bad
 
 
-@requires_full_data  # its TPR figure is that of the full test split
-def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
+def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser, scored_cruise):
+    """On the unlabelled collection, picked in the sidebar."""
+    from explain.score import scored_table
     from models.zoo import default_model_name
 
-    if default_model_name() is None:
-        pytest.skip("no model in the zoo")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
@@ -144,12 +142,13 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
     page.on("console", lambda m: page.console_log.append((m.text, m.location.get("url"))) if m.type == "error" else None)
     page.on("pageerror", lambda e: page.console_log.append((str(e), "")))
     page.set_default_timeout(120_000)
-    # Through the home page, so that app.py's navigation is set up (a fresh server answering a
-    # page URL first runs that page alone, Streamlit's pages/-folder fallback).
     page.goto(streamlit_server, timeout=300_000)
     wait_for_app(page, 300_000)
     nav = page.locator("[data-testid='stSidebarNavLink']")
-    nav.filter(has_text="Classify & explain").wait_for(timeout=300_000)  # app.py's navigation is up
+    nav.filter(has_text="Classify & explain").wait_for(timeout=300_000)
+    page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").nth(1).click()
+    page.get_by_role("option", name=scored_cruise).click()
+    wait_for_app(page, 120_000)
     nav.filter(has_text=re.compile(r"Anomalies$")).click()
     page.wait_for_selector("text=Most anomalous images", timeout=900_000)
     wait_for_app(page, 900_000)
@@ -161,7 +160,7 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
     assert explain_links.count() >= 1 and page.get_by_role("link", name="Neighbours", exact=True).count() == explain_links.count()
     _assert_clean(page, streamlit_server)
 
-    tpr = page.locator("[data-testid='stMetric']", has_text="in-distribution kept").locator("[data-testid='stMetricValue']")
+    tpr = page.locator("[data-testid='stMetric']", has_text="known images kept").locator("[data-testid='stMetricValue']")
     before = tpr.inner_text()
     thumb = page.locator("[data-testid='stSlider'] input[type='range']").first
     v0 = thumb.input_value()
@@ -173,29 +172,23 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser):
     page.wait_for_timeout(500)
     wait_for_app(page, 120_000)
     page.wait_for_function(
-        "(b) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')].find(e => e.innerText.includes('in-distribution kept'));"
+        "(b) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')].find(e => e.innerText.includes('known images kept'));"
         " return m && m.querySelector('[data-testid=\"stMetricValue\"]').innerText !== b; }", arg=before, timeout=60_000)
     assert float(tpr.inner_text().rstrip("%")) < float(before.rstrip("%"))
-    page.set_viewport_size({"width": 1500, "height": 3600})  # the app scrolls inside its own container
+    page.set_viewport_size({"width": 1500, "height": 3600})
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "anomalies.png"), full_page=True)
     page.set_viewport_size({"width": 1500, "height": 1100})
     _assert_clean(page, streamlit_server)
 
-    # A gallery image's "Explain" link opens the explain page on that image (the page's first
-    # gallery image with a dataset link, recomputed here from the same cached evaluation).
-    from explain.ood_evaluation import evaluation, is_evaluated, most_anomalous
-    from pages.anomalies import QUICK, GALLERY_N
-
-    name = default_model_name()
-    ev = evaluation(name, None if is_evaluated(name) else QUICK)
-    top = most_anomalous(ev, "msp", ev.levels[-1], [n for n in ev.sets if len(ev.sets[n])], GALLERY_N)
-    link = next(lk for lk in top["link"] if lk)
+    # The first gallery image's "Explain" link opens the explain page on that image.
+    t = scored_table(default_model_name(), scored_cruise)
+    top = t.table[t.table["readable"]].sort_values("ood_msp_" + t.levels[-1], ascending=False, kind="stable")
     explain_links.first.click()
     page.wait_for_selector("text=Predicted class", timeout=600_000)
     wait_for_app(page, 600_000)
     assert "/classify" in page.url
-    assert page.locator("h2").first.inner_text().strip() == link.rsplit("/", 1)[-1]
+    assert page.locator("h2").first.inner_text().strip().endswith(top["relpath"].iloc[0].rsplit("/", 1)[-1])
     _assert_clean(page, streamlit_server)
     ctx.close()
     print(f"browser session took {time.time() - t0:.1f} s")

@@ -305,11 +305,12 @@ def test_browser_neighbourhoods_map_click_and_upload(streamlit_server, browser, 
     ctx.close()
 
 
-def _review_once(browser, base: str, reviewer: str, decision: str, shot: str | None = None) -> str:
+def _review_once(browser, base: str, reviewer: str, decision: str, shot: str | None = None,
+                 collection: str = "survey") -> str:
     ctx = browser.new_context(viewport={"width": 1500, "height": 1000})
     pg = ctx.new_page()
     _watch(pg)
-    _open(pg, base, "review")
+    _open(pg, base, f"review?collection={collection}")
     pg.wait_for_selector("text=images to review", timeout=600_000)
     wait_for_app(pg, 600_000)
     pg.get_by_label("Reviewer").fill(reviewer)
@@ -329,11 +330,16 @@ def _review_once(browser, base: str, reviewer: str, decision: str, shot: str | N
 
 
 def test_browser_review_two_sessions_keep_their_decisions(streamlit_server, browser):
+    """Review on an unlabelled collection added for this test and never scored: the page scores it
+    in the background (a progress bar), then three reviewers record decisions, two at once."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from data.collections import add_collection
     from explain.review_store import DB_NAME, ReviewStore
+    from tests.conftest import unlabelled_zip
 
     _skip_without_model()
+    add_collection("survey", unlabelled_zip(Path(os.environ["PLANKTON_LENS_DATA"]) / "uploads" / "survey.zip", 30))
     store = ReviewStore(Path(os.environ["PLANKTON_LENS_DATA"]) / DB_NAME)  # the server's store
     before = len(store.decisions())
     one = _review_once(browser, streamlit_server, "Ada Browser", "Confirm anomaly", "review.png")
