@@ -138,7 +138,7 @@ def _load(path: Path, levels: list[str]) -> tuple[np.ndarray, dict[str, np.ndarr
 
 def evict_stale(folder: Path, current: Path) -> None:
     """Remove files in ``folder`` derived from older weights of the same model for the same dataset
-    manifest (names ``<dataset>__<sha>__<manifest>__…``): embeddings, neighbour tables, maps."""
+    manifest (names ``<dataset>__<sha>__<manifest>__…``)."""
     dataset, sha, mkey = current.name.split("__")[:3]
     for p in folder.glob(f"{dataset}__*__{mkey}__*"):
         if p.name.split("__")[1] != sha:

@@ -9,7 +9,6 @@ neighbour is the kNN out-of-distribution score of Sun et al. 2022 (higher = more
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -21,7 +20,6 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from data.paths import writer_temp
 from models.handle import open_model
 
 #: Up to this many vectors the index is exact (IndexFlat); beyond, IVF.
@@ -197,64 +195,6 @@ def drop_self(dist: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tup
     keep = np.ones_like(match)
     keep[np.arange(len(ids)), drop] = False
     return dist[keep].reshape(len(ids), -1)[:, :k], ids[keep].reshape(len(ids), -1)[:, :k]
-
-
-def dataset_neighbours(model_name: str, dataset: str | None = None, limit_per_class: int | None = None,
-                       progress: bool = False, on_progress=None) -> pd.DataFrame:
-    """For every image of ``dataset`` (rows as :func:`explain.embeddings.split_outputs` gives them):
-    ``knn_score`` (k = KNN_K, gallery images not counting themselves), ``in_gallery``,
-    ``nn_distance`` (nearest other known image) and the neighbour vote per level
-    (``vote_<level>``, ``vote_share_<level>``). Cached on disk beside the embeddings."""
-    from .embeddings import cache_path, dataset_rows, split_outputs
-
-    man = open_model(model_name).manifest
-    dataset = dataset or man.get("dataset", "ndsb")
-    _, _, key = dataset_rows(dataset, man, limit_per_class)
-    emb_path = cache_path(model_name, man["sha256"], dataset, key)
-    held = "-".join(sorted(man.get("heldout") or []))
-    path = emb_path.with_name(emb_path.stem + f"__knn{KNN_K}-{_short(held)}.parquet")
-    if path.exists():
-        try:
-            return pd.read_parquet(path)
-        except (OSError, ValueError):
-            pass
-    o = split_outputs(model_name, dataset, None, progress=progress, limit_per_class=limit_per_class,
-                      on_progress=on_progress)
-    g = load_gallery(model_name, limit_per_class, progress)
-    if on_progress:
-        on_progress(1.0, f"searching the {KNN_K} nearest known images of {len(o.rows):,} images")
-    pos = {(d, r): i for i, (d, r) in enumerate(zip(g.rows["dataset"], g.rows["relpath"]))}
-    own = np.array([pos.get((d, r), -1) for d, r in zip(o.rows["dataset"], o.rows["relpath"])], dtype=np.int64)
-    dist, ids = search(g.index, normalise(o.embeddings), KNN_K + 1)
-    dist, ids = drop_self(dist, ids, own, KNN_K)
-    out = pd.DataFrame({"knn_score": dist[:, KNN_K - 1], "nn_distance": dist[:, 0], "in_gallery": own >= 0})
-    for lvl in g.levels:
-        out[f"vote_{lvl}"], out[f"vote_share_{lvl}"] = batch_vote(g, ids, lvl)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = writer_temp(path)
-    out.to_parquet(tmp, index=False)
-    tmp.replace(path)
-    return out
-
-
-def _short(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-def image_frame(model_name: str, limit_per_class: int | None = None, progress: bool = False,
-                on_progress=None) -> pd.DataFrame:
-    """One row per image of the model's dataset: manifest columns, ``heldout``, the model's
-    predictions per level (``pred_*``, ``inconsistent``), the kNN score and the neighbour vote."""
-    from .embeddings import predictions_frame, split_outputs
-
-    lm = open_model(model_name)
-    model, man = lm.classifier, lm.manifest
-    dataset = man.get("dataset", "ndsb")
-    o = split_outputs(model_name, dataset, None, progress, limit_per_class, on_progress)
-    df = o.rows.copy()
-    df["heldout"] = df["class"].isin(man.get("heldout") or [])
-    return pd.concat([df, predictions_frame(o.logits, model),
-                      dataset_neighbours(model_name, dataset, limit_per_class, progress, on_progress)], axis=1)
 
 
 def neighbour_table(gallery: Gallery, embedding: np.ndarray, k: int = 10, exclude_id: int | None = None) -> pd.DataFrame:

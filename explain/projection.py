@@ -1,30 +1,46 @@
-"""A 2-D UMAP map of a model's embeddings, computed once and cached; new images placed with ``transform``.
+"""A 2-D UMAP map of a scored collection (:mod:`explain.score`), computed once and cached beside its table.
 
-UMAP's neighbour graph comes from an exact FAISS search (faster than NN-descent at this size),
-and the same FAISS index answers ``transform``'s neighbour queries, so placing an upload on the
-map takes well under a second. The map's table (:func:`map_frame`) joins coordinates, manifest
-columns, the model's per-level predictions and the kNN score, for colouring and selection.
+UMAP is fitted on a seeded random sample of at most :data:`MAP_FIT_MAX` of the table's readable
+images; the rest are placed with the fitted reducer's ``transform`` in batches, so a collection of
+a million images costs one 50k fit and a linear pass. The coordinates (row-aligned with the table,
+NaN for unreadable images) and the fitted reducer (to place uploads) live in the table's folder,
+keyed by the UMAP settings and :data:`MAP_VERSION`.
+
+UMAP's neighbour graph comes from a FAISS search, and the same FAISS index answers
+``transform``'s neighbour queries, so placing an upload takes well under a second once numba has
+compiled ``transform`` (:func:`warm_up`); until then :func:`approximate_place` puts it at the
+weighted mean of its nearest fitted images, where ``transform`` starts from.
 """
 from __future__ import annotations
 
+import json
 import pickle
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
-import pandas as pd
 
-from data.paths import cache_dir
+from data.paths import writer_temp
 
 from .neighbours import build_index, normalise, search
-from models.handle import open_model
 
 #: UMAP settings of the cached map (part of the cache key, with MAP_VERSION).
 UMAP_PARAMS = {"n_neighbors": 15, "min_dist": 0.1}
-MAP_VERSION = 2
+MAP_VERSION = 3
+#: UMAP is fitted on at most this many images (a seeded random sample); the rest are placed with ``transform``.
+MAP_FIT_MAX = 50_000
+#: Fewer readable images than this get a message instead of a map.
+MAP_MIN = 5
+#: Images placed per ``transform`` call (one progress step).
+TRANSFORM_BATCH = 10_000
+#: Seed of the fitted sample (part of the cache key).
+MAP_SEED = 0
+ProgressFn = Callable[[float, str], None]
 
 
 class FaissKNN:
@@ -99,122 +115,6 @@ def warm_up(reducer) -> None:
     place(reducer, np.asarray(reducer._raw_data[:1]))
 
 
-@dataclass
-class EmbeddingMap:
-    """The cached map of one model over one dataset: coordinates aligned with ``rows``."""
-
-    model_name: str
-    dataset: str
-    coords: np.ndarray
-    rows: pd.DataFrame
-    reducer_path: Path
-    seconds: float  # time of the UMAP fit (0 when read from the cache)
-
-    def reducer(self):
-        """The fitted UMAP (loaded from disk; needed only to place new images)."""
-        with open(self.reducer_path, "rb") as f:
-            return pickle.load(f)
-
-
-def _paths(model_name: str, dataset: str, limit_per_class: int | None) -> tuple[Path, Path]:
-    from .embeddings import cache_path, dataset_rows
-
-    man = open_model(model_name).manifest
-    _, _, key = dataset_rows(dataset, man, limit_per_class)
-    emb = cache_path(model_name, man["sha256"], dataset, key)
-    tag = f"umap-n{UMAP_PARAMS['n_neighbors']}-d{UMAP_PARAMS['min_dist']}-v{MAP_VERSION}"
-    base = cache_dir() / "maps" / model_name / f"{emb.stem}__{tag}"
-    return base.with_name(base.name + ".coords.npy"), base.with_name(base.name + ".umap.pkl")
-
-
-def embedding_map(model_name: str, dataset: str | None = None, limit_per_class: int | None = None,
-                  progress: bool = False) -> EmbeddingMap:
-    """The UMAP map of every image of ``dataset`` (default: the model's own) embedded by ``model_name``;
-    fitted on first use and cached on disk (coordinates and the fitted reducer)."""
-    from .embeddings import split_embeddings
-
-    dataset = dataset or open_model(model_name).manifest.get("dataset", "ndsb")
-    coords_path, reducer_path = _paths(model_name, dataset, limit_per_class)
-    emb, rows = split_embeddings(model_name, dataset, None, progress=progress, limit_per_class=limit_per_class)
-    if coords_path.exists() and reducer_path.exists():
-        try:
-            coords = np.load(coords_path)
-            if len(coords) == len(rows):
-                return EmbeddingMap(model_name, dataset, coords, rows, reducer_path, 0.0)
-        except (OSError, ValueError):
-            pass  # a damaged cache file is rebuilt below
-    t0 = time.time()
-    reducer = fit_umap(emb, verbose=progress)
-    seconds = time.time() - t0
-    coords = np.asarray(reducer.embedding_, dtype=np.float32)
-    coords_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = reducer_path.with_name(reducer_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(reducer, f, protocol=pickle.HIGHEST_PROTOCOL)
-    tmp.replace(reducer_path)
-    tmp = coords_path.with_name(coords_path.name + ".tmp.npy")
-    np.save(tmp, coords)
-    tmp.replace(coords_path)  # written last: its presence means the pair is complete
-    from .embeddings import evict_stale
-
-    evict_stale(coords_path.parent, coords_path)
-    return EmbeddingMap(model_name, dataset, coords, rows, reducer_path, seconds)
-
-
-def map_cached(model_name: str, dataset: str | None = None, limit_per_class: int | None = None) -> bool:
-    """Whether the map is already on disk (then :func:`embedding_map` only reads it)."""
-
-    dataset = dataset or open_model(model_name).manifest.get("dataset", "ndsb")
-    coords, reducer = _paths(model_name, dataset, limit_per_class)
-    return coords.exists() and reducer.exists()
-
-
-def map_frame(model_name: str, limit_per_class: int | None = None, progress: bool = False,
-              on_progress=None) -> pd.DataFrame:
-    """:func:`explain.neighbours.image_frame` with the map coordinates ``x``, ``y``."""
-    from .neighbours import image_frame
-
-    df = image_frame(model_name, limit_per_class, progress, on_progress)
-    if on_progress:
-        on_progress(1.0, f"UMAP map of {len(df):,} images (computed once, then cached)")
-    m = embedding_map(model_name, limit_per_class=limit_per_class, progress=progress)
-    df.insert(len(m.rows.columns), "x", m.coords[:, 0])
-    df.insert(len(m.rows.columns) + 1, "y", m.coords[:, 1])
-    return df
-
-
-def placed_frame(model_name: str, dataset: str, limit_per_class: int | None = 5,
-                 map_limit: int | None = None) -> pd.DataFrame:
-    """Images of another dataset (e.g. ZooLake) placed on the model's map with ``transform``:
-    manifest columns, x, y, predictions per level, the kNN score and neighbour vote against the
-    model's gallery (built with ``map_limit``, as the map)."""
-    from .embeddings import predictions_frame, split_outputs
-    from .neighbours import KNN_K, batch_vote, load_gallery
-
-    model = open_model(model_name).classifier
-    o = split_outputs(model_name, dataset, None, limit_per_class=limit_per_class)
-    m = embedding_map(model_name, limit_per_class=map_limit)
-    xy = place(m.reducer(), o.embeddings)
-    g = load_gallery(model_name, map_limit)
-    dist, ids = search(g.index, normalise(o.embeddings), KNN_K)
-    df = o.rows.copy()
-    df["heldout"] = False
-    df["x"], df["y"] = xy[:, 0], xy[:, 1]
-    df = pd.concat([df, predictions_frame(o.logits, model)], axis=1)
-    df["knn_score"], df["nn_distance"], df["in_gallery"] = dist[:, KNN_K - 1], dist[:, 0], False
-    for lvl in g.levels:
-        df[f"vote_{lvl}"], df[f"vote_share_{lvl}"] = batch_vote(g, ids, lvl)
-    return df
-
-
-def gallery_map_rows(gallery_rows: pd.DataFrame, map_rows: pd.DataFrame) -> np.ndarray:
-    """For each gallery image, its row number in the map table (matched on dataset and relpath),
-    or -1 when it is not on the map."""
-    pos = {(d, r): i for i, (d, r) in enumerate(zip(map_rows["dataset"], map_rows["relpath"]))}
-    return np.array([pos.get((d, r), -1) for d, r in zip(gallery_rows["dataset"], gallery_rows["relpath"])],
-                    dtype=np.int64)
-
-
 def neighbour_position(coords: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> np.ndarray:
     """Approximate map positions (M, 2) of new images: the weighted mean of the map coordinates
     of their nearest known images.
@@ -240,11 +140,135 @@ def neighbour_position(coords: np.ndarray, ids: np.ndarray, dist: np.ndarray) ->
     return out
 
 
-def quick_place(coords: np.ndarray, gallery, to_map: np.ndarray, embeddings: np.ndarray,
-                k: int = UMAP_PARAMS["n_neighbors"]) -> np.ndarray:
-    """Map positions (M, 2) of new images' embeddings from their ``k`` nearest known images in
-    ``gallery`` (an :class:`explain.neighbours.Gallery`): see :func:`neighbour_position`.
-    ``to_map`` is :func:`gallery_map_rows` of the gallery and the map. Milliseconds, no UMAP."""
-    dist, ids = search(gallery.index, normalise(embeddings), k)
-    rows = np.where(ids >= 0, to_map[np.clip(ids, 0, None)], -1)
-    return neighbour_position(coords, rows, dist)
+# --- the map of a scored table ----------------------------------------------------------------------
+class MapTooSmall(ValueError):
+    """A collection with too few readable images for a map (the message says how many)."""
+
+
+@dataclass
+class TableMap:
+    """The map of one scored table: ``coords`` (N, 2) float32 row-aligned with the table (NaN for
+    images not on the map), ``fitted`` the table rows UMAP was fitted on (the rest were placed)."""
+
+    coords: np.ndarray
+    fitted: np.ndarray
+    reducer_path: Path
+    key: str
+    seconds: float  # time to build (0 when read from the cache)
+
+    @property
+    def placed(self) -> int:
+        """Images placed with ``transform`` (on the map but not in the fitted sample)."""
+        return int(np.isfinite(self.coords[:, 0]).sum()) - len(self.fitted)
+
+    def reducer(self):
+        """The fitted UMAP (loaded from disk; needed only to place new images)."""
+        with open(self.reducer_path, "rb") as f:
+            return pickle.load(f)
+
+
+def map_key() -> str:
+    """What a cached map depends on besides its table: UMAP settings, the sample size and seed, the version."""
+    return (f"umap-n{UMAP_PARAMS['n_neighbors']}-d{UMAP_PARAMS['min_dist']}-f{MAP_FIT_MAX}-s{MAP_SEED}"
+            f"-b{TRANSFORM_BATCH}-v{MAP_VERSION}")
+
+
+def map_paths(folder: Path) -> tuple[Path, Path]:
+    """(coordinates .npz, fitted reducer .pkl) of the current :func:`map_key` in a table's folder."""
+    base = Path(folder) / f"map__{map_key()}"
+    return base.with_name(base.name + ".coords.npz"), base.with_name(base.name + ".umap.pkl")
+
+
+def mappable(scored) -> np.ndarray:
+    """Table rows that go on the map: the readable images."""
+    t = scored.table
+    ok = t["readable"].to_numpy(bool) if "readable" in t else np.ones(len(t), bool)
+    return np.flatnonzero(ok)
+
+
+def fit_sample(rows: np.ndarray, limit: int | None = None, seed: int = MAP_SEED) -> np.ndarray:
+    """The rows UMAP is fitted on: all of ``rows`` up to ``limit`` (default :data:`MAP_FIT_MAX`),
+    else a seeded random sample of ``limit`` of them (sorted)."""
+    limit = MAP_FIT_MAX if limit is None else limit
+    rows = np.asarray(rows, np.int64)
+    if len(rows) <= limit:
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+
+
+def read_map(scored) -> TableMap | None:
+    """The cached map of ``scored`` (an :class:`explain.score.ScoredTable`), or None when absent or damaged."""
+    coords_path, reducer_path = map_paths(scored.folder)
+    if not (coords_path.exists() and reducer_path.exists()):
+        return None
+    try:
+        with np.load(coords_path) as z:
+            coords, fitted = z["coords"], z["fitted"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if coords.shape != (len(scored.table), 2):
+        return None
+    return TableMap(coords, fitted, reducer_path, map_key(), 0.0)
+
+
+def table_map(scored, on_progress: ProgressFn | None = None) -> TableMap:
+    """The map of ``scored``: read from its folder, or built (UMAP fitted on :func:`fit_sample`,
+    the other readable images placed in batches of :data:`TRANSFORM_BATCH`) and written there.
+    ``on_progress(fraction, message)`` follows the build. :class:`MapTooSmall` below :data:`MAP_MIN`."""
+    got = read_map(scored)
+    if got is not None:
+        return got
+    rows = mappable(scored)
+    if len(rows) < MAP_MIN:
+        raise MapTooSmall(f"{len(rows)} readable image{'s' if len(rows) != 1 else ''}: a map needs at least "
+                          f"{MAP_MIN}.")
+    t0 = time.time()
+    fitted = fit_sample(rows)
+    if on_progress:
+        on_progress(0.0, f"Fitting UMAP on {len(fitted):,} of {len(rows):,} images (once; then cached)…")
+    emb = scored.embeddings
+    reducer = fit_umap(np.asarray(emb[fitted], np.float32))
+    coords = np.full((len(scored.table), 2), np.nan, np.float32)
+    coords[fitted] = np.asarray(reducer.embedding_, np.float32)
+    rest = np.setdiff1d(rows, fitted, assume_unique=True)
+    for start in range(0, len(rest), TRANSFORM_BATCH):
+        if on_progress:
+            on_progress((len(fitted) + start) / len(rows),
+                        f"Placing the other images with UMAP transform: {start:,} / {len(rest):,}")
+        part = rest[start:start + TRANSFORM_BATCH]
+        coords[part] = place(reducer, np.asarray(emb[part], np.float32))
+    _write(scored.folder, reducer, coords, fitted, time.time() - t0)
+    if on_progress:
+        on_progress(1.0, f"Map of {len(rows):,} images ready")
+    return TableMap(coords, fitted, map_paths(scored.folder)[1], map_key(), time.time() - t0)
+
+
+def _write(folder: Path, reducer, coords: np.ndarray, fitted: np.ndarray, seconds: float) -> None:
+    """Reducer first, then the coordinates (whose presence marks the pair complete); older maps go."""
+    coords_path, reducer_path = map_paths(folder)
+    tmp = writer_temp(reducer_path)
+    with open(tmp, "wb") as f:
+        pickle.dump(reducer, f, protocol=pickle.HIGHEST_PROTOCOL)
+    tmp.replace(reducer_path)
+    tmp = writer_temp(coords_path)
+    with open(tmp, "wb") as f:
+        np.savez(f, coords=coords, fitted=np.asarray(fitted, np.int64),
+                 info=np.array(json.dumps({"key": map_key(), "seconds": round(seconds, 2)})))
+    tmp.replace(coords_path)
+    for p in Path(folder).glob("map__*"):
+        if p not in (coords_path, reducer_path) and not p.name.startswith("."):
+            p.unlink(missing_ok=True)
+
+
+def sample_index(scored, m: TableMap) -> faiss.Index:
+    """An exact FAISS index over the fitted images' normalised embeddings (ids: positions in ``m.fitted``)."""
+    return build_index(normalise(np.asarray(scored.embeddings[m.fitted], np.float32)), kind="flat", gpu=False)
+
+
+def approximate_place(m: TableMap, index: faiss.Index, embeddings: np.ndarray,
+                      k: int = UMAP_PARAMS["n_neighbors"]) -> np.ndarray:
+    """Map positions (M, 2) of new images from their ``k`` nearest fitted images (``index``:
+    :func:`sample_index`), by :func:`neighbour_position`: milliseconds, no numba."""
+    dist, ids = search(index, normalise(embeddings), k)
+    rows = np.where(ids >= 0, m.fitted[np.clip(ids, 0, None)], -1)
+    return neighbour_position(m.coords, rows, dist)

@@ -402,73 +402,12 @@ def warm_caches() -> None:
 
 
 # --- shared by Neighbourhoods, Review and Anomalies -------------------------------------------------
-def quick_per_class() -> int:
-    """Images per class and split of the quick samples (maps, review queue, OOD evaluation)."""
-    import os
-
-    return int(os.environ.get("PLANKTON_LENS_QUICK_MAP", "10"))
-
-
-def size_choice(prefix: str, full_ready: bool, label: str, full_label: str, help_text: str, not_ready: str,
-                build_label: str, quick: int | None = None) -> int | None:
-    """The "full dataset or quick sample" radio (key ``<prefix>_size``): ``None`` for the full
-    set, ``quick`` for the sample. The full set is the default once ``full_ready``; until then
-    choosing it shows ``not_ready`` and a button (key ``<prefix>_build``) and stops the page.
-    ``quick`` defaults to :func:`quick_per_class`."""
-    quick = quick_per_class() if quick is None else quick
-    options = [full_label, f"Quick sample ({quick} per class and split)"]
-    choice = st.radio(label, options, index=0 if full_ready else 1, horizontal=True, key=f"{prefix}_size",
-                      help=help_text)
-    if choice == options[1]:
-        return quick
-    if not full_ready and not st.session_state.get(f"{prefix}_build_full"):
-        st.info(not_ready)
-        if st.button(build_label, icon=":material/play_arrow:", key=f"{prefix}_build"):
-            st.session_state[f"{prefix}_build_full"] = True
-            st.rerun()
-        st.stop()
-    return None
-
-
-def run_with_progress(text: str, compute, prefix: str = "") -> None:
-    """Run ``compute(on_progress=...)`` under a progress bar (``prefix`` goes before each message)."""
-    bar = st.progress(0.0, text=text)
-    compute(on_progress=lambda f, m: bar.progress(min(max(f, 0.0), 1.0), text=f"{prefix}{m}"))
-    bar.empty()
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def dataset_embeddings(model_name: str, sha: str, limit: int | None, dataset: str):
-    """Embeddings of every image of ``dataset`` (rows of ``split_embeddings``), read-only;
-    ``sha`` keys a retrained model."""
-    from explain.embeddings import split_embeddings
-
-    return split_embeddings(model_name, dataset, None, limit_per_class=limit)[0]
-
-
 @st.cache_resource(show_spinner=False, max_entries=4)
 def gallery(model_name: str, sha: str, limit: int | None):
     """The model's gallery of known images (``explain.neighbours.Gallery``), once per server."""
     from explain.neighbours import load_gallery
 
     return load_gallery(model_name, limit)
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def logit_scores(model_name: str, sha: str, limit: int | None, dataset: str) -> dict:
-    """Logit-flatness OOD scores (explain.ood) of every image, per score and level
-    (``{"<score> (<level>)": float32 array}``), or {} when that module is absent."""
-    import numpy as np
-
-    from explain.embeddings import split_outputs
-
-    try:
-        from explain import ood
-    except ImportError:
-        return {}
-    o = split_outputs(model_name, dataset, None, limit_per_class=limit)
-    return {f"{e.label} ({lvl})": ood.logit_score(z, e.name).astype(np.float32)
-            for e in ood.list_scores("logits") for lvl, z in o.logits.items()}
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
@@ -495,25 +434,6 @@ def model_dataset_problem(lm: LensModel, purpose: str) -> str | None:
     return None
 
 
-def model_with_dataset(title: str, intro: str, purpose: str):
-    """A page's title and introduction, then the sidebar's model as ``(model, manifest, name,
-    sha256, dataset)`` when its dataset is here, else None with a message (``purpose``: "map",
-    "review"…, for that message)."""
-    st.title(title)
-    st.caption(intro)
-    loaded = current_model()
-    if loaded is None:
-        return None
-    model, manifest = loaded.classifier, loaded.manifest
-    name = loaded.name
-    dataset = manifest.get("dataset", "ndsb")
-    problem = model_dataset_problem(loaded, purpose)
-    if problem:
-        st.warning(problem)
-        return None
-    return model, manifest, name, manifest["sha256"], dataset
-
-
 # --- the scored table of the sidebar's collection (Anomalies, Neighbourhoods, Review) --------------
 @dataclass
 class ScoredView:
@@ -530,6 +450,18 @@ class ScoredView:
     @property
     def levels(self) -> tuple[str, ...]:
         return tuple(self.scored.levels)
+
+
+def score_label(column: str, levels: tuple[str, ...] | list[str]) -> str:
+    """A scored table's score column as a user reads it ("Entropy (class)", "kNN distance …")."""
+    from explain.neighbours import KNN_K
+    from explain.ood import get_score
+
+    if column == "knn_score":
+        return f"kNN distance (embedding, k={KNN_K})"
+    rest = column[len("ood_"):]
+    lvl = next(lv for lv in sorted(levels, key=len, reverse=True) if rest.endswith("_" + lv))
+    return f"{get_score(rest[: -len(lvl) - 1]).label} ({lvl})"
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

@@ -1,444 +1,329 @@
-"""Neighbourhoods: where an image sits among known organisms (UMAP map + FAISS nearest neighbours).
+"""Neighbourhoods: where the images of a collection sit among each other and among known organisms.
 
-The map, the neighbours, the vote and the scores all come from ``explain/`` (embeddings,
-neighbours, projection, ood); this page caches them and lays them out.
+The page reads the scored table of the sidebar's collection (explain/score.py: every image scored
+once, labelled or not) and draws its UMAP map (explain/projection.py: fitted once on a sample,
+cached beside the table; explain/map_plot.py: a scatter, or a density image for large
+collections). Any image (a map point, a path, a deep link or an upload) shows its scores against
+the model's thresholds and its nearest known images, the model's own training images.
 """
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
-from plotly.colors import qualitative
 
-from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, keeps_colour, load_for_model
-from data.sources import DatasetNotFound
-from explain.embeddings import compute_embeddings
-from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
-from explain.projection import gallery_map_rows, map_cached, map_frame, place, placed_frame, quick_place
-from models.handle import open_model
-from pages.common import (dataset_embeddings, gallery, get_sources, logit_scores, model_with_dataset,
-                          run_with_progress, size_choice, thumbnail)
+from data.folders import UNLABELLED
+from explain import map_plot
+from explain.map_plot import Mark, map_figure, region_from_selection, view_range
+from explain.projection import MAP_MIN, TableMap, mappable, read_map, table_map
+from explain.score import reference_limit
+from pages.common import ScoredView, current_collection, gallery, get_sources, score_label, scored_collection
+from pages.neighbourhood_image import (EXACT, SEL_KEY, labelled, lit, reducer, rows_by_path, score_columns,
+                                       selected_panel, threshold, upload)
 
 log = logging.getLogger("plankton_lens.neighbourhoods")
 
-SEL_KEY = "nb_selected"  # ("dataset", relpath) or ("upload", name)
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
-THUMB = 96
 LINK_KEY = "nb_last_link"
-ANOMALY = "#D55E00"
+REGION_KEY = "nb_region"  # (model key, collection, region) of the zoomed density map
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
+MAP_WAIT_S = 30.0  # the page waits this long for a map being built, then follows it in the background
 
 
-# --- cached data -----------------------------------------------------------------------------------
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _frame(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
-    """The map table (read-only: never modified by the page)."""
-    return map_frame(model_name, limit)
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _reducer_future(model_name: str, sha: str, limit: int | None) -> Future:
-    """The fitted UMAP, loaded and warmed up (numba compilation of ``transform``) in a background
-    thread as soon as the map is shown, so placing an upload is quick."""
-    from explain.projection import embedding_map, warm_up
-
-    def job():
-        r = embedding_map(model_name, limit_per_class=limit).reducer()
-        warm_up(r)
-        return r
-
-    return ThreadPoolExecutor(1, thread_name_prefix="umap-warm-up").submit(job)
-
-
-def _reducer_if_ready(model_name: str, sha: str, limit: int | None):
-    """The warmed-up UMAP when its background preparation has finished, else None (never waits)."""
-    fut = _reducer_future(model_name, sha, limit)
-    return fut.result() if fut.done() else None
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def _gallery_rows_on_map(model_name: str, sha: str, limit: int | None) -> np.ndarray:
-    """Map row of every gallery image (for placing an upload among its nearest known images)."""
-    return gallery_map_rows(gallery(model_name, sha, limit).rows, _frame(model_name, sha, limit))
-
-
-@st.cache_resource(show_spinner="Placing ZooLake images on the map…", max_entries=4)
-def _zoolake(model_name: str, sha: str, limit: int | None) -> pd.DataFrame:
-    return placed_frame(model_name, "zoolake", limit_per_class=3, map_limit=limit)
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-def _size_choice(model_name: str) -> int | None:
-    """Full map or quick sample; the full map is the default once it is cached."""
-    return size_choice("nb", map_cached(model_name), "Map", "Full dataset",
-                       "The full map embeds every image (minutes on a CPU the first time, then cached).",
-                       "The full map has not been computed for this model yet: it embeds every image of the "
-                       "dataset and runs UMAP once (several minutes on a CPU), then opens in about a second.",
-                       "Build the full map now")
-
-
-def _colour_options(df: pd.DataFrame, levels: tuple[str, ...], scores: dict) -> list[str]:
-    return ([f"{lvl} (true)" for lvl in reversed(levels)] + [f"{lvl} (predicted)" for lvl in reversed(levels)]
-            + ["split", "dataset", "held-out class", "kNN distance (embedding)", *scores])
-
-
-def _colour_values(df: pd.DataFrame, option: str, scores: dict) -> tuple[pd.Series, bool]:
-    """Values to colour by and whether they are continuous."""
-    if option.endswith(" (true)"):
-        return df[option[:-7]].astype(str), False
-    if option.endswith(" (predicted)"):
-        return df["pred_" + option[:-12]].astype(str), False
-    if option == "held-out class":
-        return df["heldout"].map({True: "held out (unknown to the model)", False: "known class"}), False
-    if option == "kNN distance (embedding)":
-        return df["knn_score"].astype(float), True
-    if option in scores:
-        return pd.Series(scores[option], index=df.index), True
-    return df[option].astype(str), False
-
-
-#: Above this many (class, colour category) pairs the map falls back to one trace per colour
-#: category with the class names as per-point hover text.
-MAX_TRACES = 260
-PALETTE = qualitative.Dark24 + qualitative.Light24 + qualitative.Alphabet
-
-
-def _hover_label(text: str) -> str:
-    """A label baked into a hovertemplate (Plotly reads ``%{`` as a placeholder)."""
-    return str(text).replace("%{", "%\u200b{").replace("<", "&lt;")
-
-
-def _figure(df: pd.DataFrame, option: str, values: pd.Series, continuous: bool, flagged: np.ndarray,
-            extra: pd.DataFrame | None, upload: tuple[np.ndarray, str] | None, revision: str = "map") -> go.Figure:
-    """The WebGL scatter, built to be light to send and to draw: float32 coordinates and int32
-    row numbers (``customdata``) as Plotly typed arrays, one trace per (class, colour category)
-    so that hover labels live in the traces rather than in 30k per-point strings, colour categories
-    as legend groups, and no per-property validation. ``upload``: (xy (1, 2), legend name)."""
-    idx = df.index.to_numpy(np.int32)
-    x, y = df["x"].to_numpy(np.float32), df["y"].to_numpy(np.float32)
-    cls_codes, cls_names = pd.factorize(df["class"].astype(str), sort=True)
-    base = dict(type="scattergl", mode="markers")
-    traces: list[dict] = []
-    same = option == "class (true)"
-
-    def points(m: np.ndarray) -> dict:
-        return {"x": x[m], "y": y[m], "customdata": idx[m]}
-
-    if continuous:
-        v = values.to_numpy(np.float32)
-        lo, hi = (float(np.nanmin(v)), float(np.nanmax(v))) if len(v) else (0.0, 1.0)
-        for j, c in enumerate(cls_names):
-            m = cls_codes == j
-            traces.append({**base, **points(m), "name": str(c), "showlegend": False,
-                           "hovertemplate": f"<b>{_hover_label(c)}</b><br>{_hover_label(option)}: %{{marker.color:.3f}}<extra></extra>",
-                           "marker": dict(size=4, color=v[m], colorscale="Viridis", cmin=lo, cmax=hi, opacity=0.85,
-                                          showscale=j == 0,
-                                          colorbar=dict(title=dict(text=option[:28]), thickness=12))})
-    else:
-        codes, cats = pd.factorize(values.astype(str), sort=True)
-        n = len(cats)
-        legend = n <= 30
-        pair = cls_codes.astype(np.int64) * n + codes
-        order = np.argsort(pair, kind="stable")
-        keys, starts = np.unique(pair[order], return_index=True)
-        if len(keys) <= MAX_TRACES:
-            shown: set[int] = set()
-            for key, members in zip(keys, np.split(order, starts[1:])):
-                j, k = divmod(int(key), n)
-                label = f"<b>{_hover_label(cls_names[j])}</b>"
-                if not same:
-                    label += f"<br>{_hover_label(option)}: {_hover_label(cats[k])}"
-                traces.append({**base, "x": x[members], "y": y[members], "customdata": idx[members],
-                               "name": str(cats[k]), "legendgroup": str(cats[k]),
-                               "showlegend": legend and k not in shown, "hovertemplate": label + "<extra></extra>",
-                               "marker": dict(size=4, color=PALETTE[k % len(PALETTE)], opacity=0.85)})
-                shown.add(k)
-        else:  # many pairs (e.g. predicted class): one trace per category, the true class as hover text
-            for k, c in enumerate(cats):
-                m = codes == k
-                traces.append({**base, **points(m), "name": str(c), "legendgroup": str(c), "showlegend": legend,
-                               "text": cls_names.to_numpy()[cls_codes[m]],
-                               "hovertemplate": f"<b>%{{text}}</b><br>{_hover_label(option)}: {_hover_label(c)}<extra></extra>",
-                               "marker": dict(size=4, color=PALETTE[k % len(PALETTE)], opacity=0.85)})
-    if flagged.any():
-        traces.append({**base, **points(flagged), "name": "anomaly (above threshold)",
-                       "text": cls_names.to_numpy()[cls_codes[flagged]],
-                       "hovertemplate": "<b>%{text}</b><br>flagged<extra></extra>",
-                       "marker": dict(size=9, color="rgba(0,0,0,0)", line=dict(color=ANOMALY, width=1.5))})
-    if extra is not None and len(extra):
-        traces.append({**base, "x": extra["x"].to_numpy(np.float32), "y": extra["y"].to_numpy(np.float32),
-                       "customdata": -1 - np.arange(len(extra), dtype=np.int32), "name": "ZooLake (placed)",
-                       "text": (extra["class"].astype(str) + " (ZooLake)").to_numpy(dtype=str),
-                       "hovertemplate": "%{text}<extra></extra>",
-                       "marker": dict(size=7, symbol="x", color="#000000", opacity=0.8)})
-    if upload is not None:
-        xy, name = upload
-        traces.append({**base, "x": xy[:, 0], "y": xy[:, 1], "name": name, "hovertemplate": f"{name}<extra></extra>",
-                       "marker": dict(size=18, symbol="star", color="#F0E442", line=dict(color="black", width=1.5))})
-    # The view spans the central 99 % of points (a few far outliers would squash the map);
-    # "autoscale" in the toolbar shows everything.
-    (x0, x1), (y0, y1) = (np.percentile(v, [0.5, 99.5]) if len(v) else (0.0, 1.0) for v in (x, y))
-    px_, py_ = 0.06 * (x1 - x0 or 1), 0.06 * (y1 - y0 or 1)
-    layout = dict(height=620, margin=dict(l=10, r=10, t=10, b=10), dragmode="pan", uirevision=revision,
-                  legend=dict(orientation="h", yanchor="top", y=-0.01, x=0, itemsizing="constant", font=dict(size=11)),
-                  xaxis=dict(visible=False, range=[float(x0 - px_), float(x1 + px_)]),
-                  yaxis=dict(visible=False, range=[float(y0 - py_), float(y1 + py_)]))
-    return go.Figure(data=traces, layout=layout, _validate=False)  # plotly's own flag: skip per-property checks
-
-
-def _parse_link(value: str) -> tuple[str, str] | None:
-    ds, sep, rel = (value or "").partition(":")
+def parse_link(value: str) -> tuple[str, str] | None:
+    """``<collection>:<relative path>`` → (collection, relpath), else None."""
+    ds, sep, rel = (value or "").strip().partition(":")
     return (ds, rel) if sep and ds and rel else None
 
 
-def _neighbour_panel(g: Gallery, emb: np.ndarray, k: int, exclude: int | None, truth: dict | None,
-                     pred: dict | None) -> None:
-    """Vote table and neighbour thumbnails of one embedding."""
-    t = neighbour_table(g, emb, k, exclude_id=exclude)
-    vote = neighbour_vote(t, g.levels)
-    rows = []
-    for lvl in g.levels:
-        r = {"level": lvl, "neighbour vote": vote[lvl]["label"], "votes": f"{vote[lvl]['votes']}/{len(t)}"}
-        if pred:
-            r["model predicts"] = pred.get(lvl)
-        if truth:
-            r["true label"] = truth.get(lvl)
-        rows.append(r)
-    st.markdown(f"**Neighbour vote** over the {len(t)} nearest known images (training split)")
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    st.markdown("**Nearest known images** (distance between L2-normalised embeddings, 0 = identical, 2 = opposite)")
-    per_row = 5
-    for start in range(0, len(t), per_row):
-        cols = st.columns(per_row)
-        for col, r in zip(cols, t.iloc[start : start + per_row].to_dict("records")):
-            im = thumbnail(r["dataset"], r["relpath"])
-            with col:
-                if im is not None:
-                    st.image(im, width=THUMB)
-                st.caption(f"**{r[g.levels[-1]]}**  \nd = {r['distance']:.3f}")
-                st.page_link("pages/classify.py", label="explain", icon=":material/biotech:",
-                             query_params={"image": f"{r['dataset']}:{r['relpath']}"})
+# --- the map, built once per table in the background ------------------------------------------------
+@dataclass
+class _Build:
+    future: Future
+    state: dict = field(default_factory=lambda: {"fraction": 0.0, "message": "Starting…"})
 
 
-def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, limit: int | None,
-                    scores_ref: np.ndarray) -> None:
-    """The chosen image (map point, path or upload): shows it, its scores and its neighbours."""
-    sel = st.session_state.get(SEL_KEY)
-    k = st.slider("Neighbours shown", 5, 30, 10, step=5, key="nb_k")
-    if not sel:
-        st.info("Click a point on the map (or give an image path / upload an image above) to see its nearest known images.")
-        return
-    kind, name = sel
-    if kind == "upload":
-        up = _placed_upload(model_name, sha, limit, df)
-        if up is None:
-            return
-        if "error" in up:
-            st.error(f"{name}: {up['error']}")
-            return
-        score = float(knn_score(g.index, up["emb"][None], KNN_K)[0])
-        left, right = st.columns([1, 3])
-        with left:
-            st.image(up["display"], caption=name, width=160)
-            _score_line(score, scores_ref)
-            if up["how"] == EXACT:
-                st.caption("Placed on the map with UMAP `transform` (the yellow star).")
-            else:
-                st.caption(f"Placed on the map approximately (the yellow star): at the weighted mean position of "
-                           f"its nearest known images. The exact UMAP `transform` placement replaces it as soon as "
-                           f"UMAP is ready (its first use compiles code, once per server start).")
-                _await_exact_placement(model_name, sha, limit)
-        with right:
-            _neighbour_panel(g, up["emb"], k, None, None, None)
-        return
-    ds, rel = kind, name
-    hit = df.index[(df["dataset"] == ds) & (df["relpath"] == rel)]
-    if len(hit) == 0:
-        st.warning(f"{ds}:{rel} is not on this map (try the full map, or check the path).")
-        return
-    row = df.loc[hit[0]]
-    emb_all = dataset_embeddings(model_name, sha, limit, g.dataset)
-    emb = emb_all[int(hit[0])] if ds == g.dataset else None
-    if emb is None:
-        st.warning("Neighbours are shown for images of the model's own dataset only.")
-        return
-    gid = g.rows.index[(g.rows["relpath"] == rel)]
-    exclude = int(gid[0]) if len(gid) else None
-    left, right = st.columns([1, 3])
-    with left:
-        im = thumbnail(ds, rel)
-        if im is not None:
-            st.image(im, caption=rel.rsplit("/", 1)[-1], width=160)
-        st.markdown(f"**{row['class']}**  \n{row['split']} split" + (" · held-out class" if row["heldout"] else ""))
-        st.caption(f"Model predicts **{row['pred_class']}** ({row['pred_conf_class']:.0%})")
-        _score_line(float(row["knn_score"]), scores_ref)
-        st.page_link("pages/classify.py", label="Explain this image", icon=":material/biotech:",
-                     query_params={"image": f"{ds}:{rel}"})
-    with right:
-        truth = {lvl: row[lvl] for lvl in g.levels}
-        pred = {lvl: row[f"pred_{lvl}"] for lvl in g.levels}
-        _neighbour_panel(g, emb, k, exclude, truth, pred)
-    return
+@st.cache_resource(show_spinner=False)
+def _executor() -> ThreadPoolExecutor:
+    """One map build at a time in this server (two would share the same cores)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="umap-map")
 
 
-EXACT = "UMAP transform"
-QUICK_PLACE = "nearest known images"
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _map_build(folder: str, stamp: int, _scored) -> _Build:
+    """The map of a table (read from its folder, or built there) in the background; shared by sessions."""
+    build = _Build(Future())
+    got = read_map(_scored)
+    if got is not None:  # on disk: no need to queue behind another collection's build
+        build.future.set_result(got)
+        return build
+
+    def progress(fraction: float, message: str) -> None:
+        build.state.update(fraction=fraction, message=message)
+
+    build.future = _executor().submit(table_map, _scored, progress)
+    return build
 
 
-def _placed_upload(model_name: str, sha: str, limit: int | None, df: pd.DataFrame) -> dict | None:
-    """The uploaded image's embedding, display image and map position, or ``{"error": message}``
-    for a file that is not a usable image. Computed once per upload and map.
-
-    The position is UMAP's ``transform`` (``"how": EXACT``) once the fitted UMAP is ready; until
-    then (its first use waits for numba compilation, a minute or more on a busy CPU) it is the
-    weighted mean position of the image's nearest known images (``"how": QUICK_PLACE``), which
-    is where ``transform`` starts from. The exact placement replaces it on a later rerun."""
-    data, fid = st.session_state.get("nb_upload_bytes"), st.session_state.get("nb_upload_id")
-    if data is None:
-        return None
-    key = (fid, model_name, sha, limit)
-    got = st.session_state.get("nb_upload_placed")
-    if not got or got["key"] != key:
-        model = open_model(model_name).classifier
-        try:
-            fg, _, square = load_for_model(data, int(model.preprocessing["size"]), mode="L", max_aspect=MAX_ASPECT,
-                                           colour=keeps_colour(model.preprocessing))
-        except ImageDecodeError as e:
-            got = {"key": key, "error": e.message}
-        else:
-            emb = compute_embeddings(model, fg[None])[0]
-            coords = df[["x", "y"]].to_numpy(np.float32)
-            got = {"key": key, "emb": emb, "how": QUICK_PLACE,
-                   "xy": quick_place(coords, gallery(model_name, sha, limit), _gallery_rows_on_map(model_name, sha, limit),
-                                     emb[None]),
-                   "display": np.asarray(fit_square(square, 160, 255).convert("RGB"))}
-        st.session_state["nb_upload_placed"] = got
-    if "emb" in got and got["how"] != EXACT:
-        reducer = _reducer_if_ready(model_name, sha, limit)
-        if reducer is not None:
-            got = {**got, "xy": place(reducer, got["emb"][None]), "how": EXACT}
-            st.session_state["nb_upload_placed"] = got
-    return got
-
-
-@st.fragment(run_every=2)
-def _await_exact_placement(model_name: str, sha: str, limit: int | None) -> None:
-    """While an upload shows its quick placement, check every 2 s whether UMAP is ready, and
-    then rerun the page so the star moves to the exact placement."""
-    got = st.session_state.get("nb_upload_placed")
-    if got and got.get("how") == QUICK_PLACE and _reducer_future(model_name, sha, limit).done():
+@st.fragment(run_every=2.0)
+def _follow_build(folder: str, stamp: int, scored) -> None:
+    """A progress bar that follows a map build; the page reloads when it is done."""
+    b = _map_build(folder, stamp, scored)
+    if b.future.done():
         st.rerun()
+    st.progress(min(max(b.state["fraction"], 0.0), 1.0), text=b.state["message"])
 
 
-def _score_line(score: float, ref: np.ndarray) -> None:
-    pct = float((ref < score).mean() * 100) if len(ref) else float("nan")
-    st.metric(f"kNN distance (k={KNN_K})", f"{score:.3f}", help="Distance to the 10th nearest known image; "
-              "higher = less like anything the model was trained on (Sun et al. 2022).")
-    st.caption(f"Higher than {pct:.0f}% of validation images.")
+def _map(view: ScoredView) -> TableMap | None:
+    """The collection's map, or None with a message (too few images, being built, failed)."""
+    scored = view.scored
+    n = len(mappable(scored))
+    if n < MAP_MIN:
+        st.info(f"{view.collection} has {n} readable image{'s' if n != 1 else ''}: too few for a map (it needs "
+                f"{MAP_MIN}). Its images still show their scores and nearest known images: give a path below.",
+                icon=":material/scatter_plot:")
+        return None
+    folder = str(scored.folder)
+    stamp = (scored.folder / "meta.json").stat().st_mtime_ns
+    b = _map_build(folder, stamp, scored)
+    if not b.future.done():
+        bar = st.progress(0.0, text=b.state["message"])
+        t0 = time.time()
+        while not b.future.done() and time.time() - t0 < MAP_WAIT_S:
+            bar.progress(min(max(b.state["fraction"], 0.0), 1.0), text=b.state["message"])
+            time.sleep(0.2)
+        bar.empty()
+    if not b.future.done():
+        st.info(f"The map of {view.collection} is being built (once; then it opens at once).", icon=":material/hourglass_top:")
+        _follow_build(folder, stamp, scored)
+        return None
+    err = b.future.exception()
+    if err is not None:
+        log.error("map of %s failed", folder, exc_info=err)
+        st.error(f"The map of {view.collection} could not be built ({type(err).__name__}: {err}).")
+        if st.button("Try again", key="nb_map_retry"):
+            _map_build.clear()
+            st.rerun()
+        return None
+    return b.future.result()
 
 
-# --- page ------------------------------------------------------------------------------------------
-def main() -> None:
-    picked = model_with_dataset("Neighbourhoods", "Which known organisms does an image sit near? A 2-D UMAP map of "
-                                "the model's embeddings, and the nearest images of the training set for any image.", "map")
-    if picked is None:
-        return
-    model, manifest, model_name, sha, dataset = picked
+# --- what the map shows -----------------------------------------------------------------------------
+def _colour_options(view: ScoredView) -> dict[str, tuple[str, str]]:
+    """Label → (kind, column): predicted levels, true levels (labelled collections only), split,
+    held-out class (labelled only) and every score column."""
+    t, levels = view.table, view.levels
+    out: dict[str, tuple[str, str]] = {}
+    if labelled(t):
+        out.update({f"{lvl} (true)": ("cat", lvl) for lvl in reversed(levels) if lvl in t})
+    out.update({f"{lvl} (predicted)": ("cat", f"pred_{lvl}") for lvl in reversed(levels) if f"pred_{lvl}" in t})
+    out["split"] = ("cat", "split")
+    if labelled(t):
+        out["held-out class"] = ("heldout", "class")
+    for c in score_columns(view):
+        out[score_label(c, levels)] = ("num", c)
+    return out
 
+
+def _colour_values(view: ScoredView, rows: pd.Index, kind: str, col: str) -> pd.Series:
+    """The values of the chosen colour for the table ``rows`` on the map (one column read, not the table)."""
+    v = view.table[col].loc[rows]
+    if kind == "num":
+        return v.astype(np.float32)
+    if kind == "heldout":
+        known = set(view.lm.classifier.class_names[view.levels[-1]])
+        held = set(view.lm.manifest.get("heldout") or [])
+        c = v.astype(str)
+        out = np.where(c == UNLABELLED, "unlabelled",
+                       np.where(~c.isin(known) | c.isin(held), "held out or unknown to the model", "known class"))
+        return pd.Series(out, index=rows)
+    return v.astype(str)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _points(folder: str, key: str, _view: ScoredView, _m: TableMap) -> pd.DataFrame:
+    """The images on the map (read-only, once per table and map): x, y and the hover label (the
+    true class, else the predicted one)."""
+    view, m = _view, _m
+    t = view.table
+    ok = np.isfinite(m.coords[:, 0])
+    rows = t.index[ok]
+    leaf = view.levels[-1]
+    cls = t.loc[rows, "class"].astype(str)
+    pred = t.loc[rows, f"pred_{leaf}"].astype(str)
+    label = np.where(cls == UNLABELLED, pred, cls)
+    return pd.DataFrame({"x": m.coords[ok, 0], "y": m.coords[ok, 1], "label": label}, index=rows)
+
+
+# --- page -------------------------------------------------------------------------------------------
+def _take_link() -> str | None:
+    """A new ``?image=<collection>:<relpath>`` selects that image (and, once, its collection in the
+    sidebar); returns an error message for a malformed link."""
     link = st.query_params.get("image")
-    if link and link != st.session_state.get(LINK_KEY):
-        st.session_state[LINK_KEY] = link
-        parsed = _parse_link(link)
-        if parsed is None:
-            st.error(f"The link `?image={link}` is not of the form `?image=<dataset>:<relative path>`.")
-        else:
-            st.session_state[SEL_KEY] = parsed
+    if not link or link == st.session_state.get(LINK_KEY):
+        return None
+    st.session_state[LINK_KEY] = link
+    parsed = parse_link(link)
+    if parsed is None:
+        return f"The link {lit('?image=' + link)} is not of the form `?image=<collection>:<relative path>`."
+    st.session_state[SEL_KEY] = ("image", *parsed)
+    if parsed[0] != current_collection() and parsed[0] in get_sources() and st.query_params.get("collection") != parsed[0]:
+        st.query_params["collection"] = parsed[0]  # the sidebar's picker takes it on the rerun
+        st.rerun()
+    return None
 
-    limit = _size_choice(model_name)
-    if not map_cached(model_name, limit_per_class=limit):
-        run_with_progress("Building the map once…", lambda on_progress: map_frame(model_name, limit, on_progress=on_progress))
-    df = _frame(model_name, sha, limit)
-    g = gallery(model_name, sha, limit)
-    scores = logit_scores(model_name, sha, limit, dataset)
-    val = (df["split"] == "val") & ~df["heldout"]
 
-    c = st.columns([2, 2, 1, 1])
-    options = _colour_options(df, model.levels, scores)
-    option = c[0].selectbox("Colour by", options, index=0, key="nb_colour")
-    score_names = ["kNN distance (embedding)", *scores]
-    anomaly_by = c[1].selectbox("Highlight anomalies by", ["none", *score_names], index=1, key="nb_anomaly",
+def _take_path(view: ScoredView, path: str) -> None:
+    if not path or path == st.session_state.get("nb_last_path"):
+        return
+    st.session_state["nb_last_path"] = path
+    parsed = parse_link(path)
+    if parsed is None:
+        example = f"{view.collection}:{view.table['relpath'].iloc[0]}" if len(view.table) else f"{view.collection}:a.jpg"
+        st.error(f"Write the image as `<collection>:<relative path>`, e.g. {lit(example)} (not {lit(path)}).")
+    else:
+        st.session_state[SEL_KEY] = ("image", *parsed)
+
+
+def _take_selection(view: ScoredView, event, kind: str, full) -> list[int]:
+    """Apply a map selection: on the density image a region to zoom into, else the first picked
+    image becomes the selection. Returns the picked table rows."""
+    sel = (event or {}).get("selection", {}) if event else {}
+    points = sel.get("points", []) or []
+    sig = (kind, repr(sel.get("box")), repr(sel.get("lasso")),
+           tuple((p.get("curve_number"), p.get("point_index")) for p in points[:50]))
+    new = bool(points or sel.get("box") or sel.get("lasso")) and sig != st.session_state.get("nb_last_sel")
+    ids = [int(p["customdata"]) for p in points if isinstance(p.get("customdata"), (int, float)) and p["customdata"] >= 0]
+    zoom = kind == "density" and (sel.get("box") or sel.get("lasso") or not ids)
+    if new:
+        st.session_state["nb_last_sel"] = sig
+        if zoom:  # a box, a lasso or a click on the density image: draw that region's points
+            region = region_from_selection({**sel, "points": [] if ids else points}, full)
+            if region is not None:
+                st.session_state[REGION_KEY] = (view.lm.key, view.collection, region)
+                st.rerun()
+        elif ids:
+            st.session_state[SEL_KEY] = ("image", view.collection, str(view.table.at[ids[0], "relpath"]))
+    return ids
+
+
+def main() -> None:
+    link_error = _take_link()
+    view = scored_collection("Neighbourhoods", "Where do the images of a collection sit among each other, and which "
+                             "known organisms (the model's training images) is each one nearest to? A 2-D UMAP map "
+                             "of the model's embeddings of the collection, and the nearest known images of any image.")
+    if view is None:
+        return
+    if link_error:
+        st.error(link_error)
+    t, levels = view.table, view.levels
+    g = gallery(view.lm.name, view.lm.sha256, reference_limit()) if view.lm.dataset else None
+    m = _map(view)
+
+    c = st.columns([2, 2, 1])
+    options = _colour_options(view)
+    if st.session_state.get("nb_colour") not in options:
+        st.session_state.pop("nb_colour", None)
+    option = c[0].selectbox("Colour by", list(options), key="nb_colour", disabled=m is None)
+    scores = score_columns(view)
+    if st.session_state.get("nb_anomaly") not in ["none", *scores]:
+        st.session_state.pop("nb_anomaly", None)
+    anomaly_by = c[1].selectbox("Circle anomalies by", ["none", *scores], index=1 if scores else 0, key="nb_anomaly",
+                                format_func=lambda s: s if s == "none" else score_label(s, levels),
                                 help="Images scoring above the threshold are circled in orange.")
-    keep = c[2].number_input("Threshold keeps % of validation", 50.0, 99.9, 95.0, step=0.5, key="nb_tpr",
-                             help="The threshold is set so that this share of validation images (known "
-                                  "classes) scores below it.")
-    zoo = c[3].checkbox("Add ZooLake", key="nb_zoolake", disabled="zoolake" not in get_sources(),
-                        help="A ZooLake sample (freshwater, another camera: far out of distribution) placed on the map.")
-
-    values, continuous = _colour_values(df, option, scores)
-    flagged = np.zeros(len(df), bool)
-    ref = df.loc[val, "knn_score"].to_numpy()
-    if anomaly_by != "none":
-        s = df["knn_score"].to_numpy() if anomaly_by == score_names[0] else scores[anomaly_by]
-        thr = float(np.quantile(s[val.to_numpy()], keep / 100)) if val.any() else float("inf")
-        flagged = s > thr
-        st.caption(f"{flagged.sum():,} of {len(df):,} images above the threshold {thr:.3f} ({anomaly_by}).")
-    extra = None
-    if zoo:
-        try:
-            extra = _zoolake(model_name, sha, limit)
-        except DatasetNotFound as e:
-            st.warning(str(e))
+    keep = c[2].number_input("Threshold keeps % of validation", 50.0, 99.9,
+                             100 * float(view.scored.meta.get("keep", 0.95)), step=0.5, key="nb_tpr",
+                             help="Each score's threshold is set so that this share of the model's validation images "
+                                  "(known classes) scores at or below it; the default is the scored table's own.")
 
     p = st.columns([3, 2])
     with p[1]:
-        path = st.text_input("Image path", placeholder=f"{dataset}:train/<class>/<file>.jpg", key="nb_path",
-                             help="An image of the dataset as <dataset>:<relative path>.")
+        path = st.text_input("Image path", key="nb_path", placeholder=f"{view.collection}:<relative path>",
+                             help="An image of the sidebar's collection as <collection>:<relative path>.")
         up = st.file_uploader("…or upload an image", type=UPLOAD_TYPES, key="nb_upload")
-    if path and path != st.session_state.get("nb_last_path"):
-        st.session_state["nb_last_path"] = path
-        parsed = _parse_link(path.strip())
-        if parsed is None:
-            st.error("Write the image as `<dataset>:<relative path>`, e.g. "
-                     f"`{dataset}:{df['relpath'].iloc[0]}`.")
-        else:
-            st.session_state[SEL_KEY] = parsed
+    _take_path(view, path)
     if up is not None and st.session_state.get("nb_upload_id") != up.file_id:
         st.session_state["nb_upload_id"] = up.file_id
         st.session_state["nb_upload_bytes"] = up.getvalue()
         st.session_state[SEL_KEY] = ("upload", up.name)
 
-    star = None
-    sel = st.session_state.get(SEL_KEY)
-    if sel and sel[0] == "upload":  # placed before the map is drawn, so the star shows on it
-        up = _placed_upload(model_name, sha, limit, df)
-        if up and "xy" in up:
-            star = (up["xy"], "your image" + (" (approximate)" if up["how"] != EXACT else ""))
-    with p[0]:
-        fig = _figure(df, option, values, continuous, flagged, extra, star, revision=f"{sha}-{limit}")
-        event = st.plotly_chart(fig, key="nb_map", on_select="rerun", selection_mode=("points", "box", "lasso"),
-                                config={"scrollZoom": True, "displaylogo": False})
-    points = (event or {}).get("selection", {}).get("points", []) if event else []
-    ids = [int(pt["customdata"]) for pt in points if isinstance(pt.get("customdata"), (int, float)) and pt["customdata"] >= 0]
-    sig = tuple(ids[:50])
-    if ids and sig != st.session_state.get("nb_last_sel"):
-        st.session_state["nb_last_sel"] = sig
-        r = df.loc[ids[0]]
-        st.session_state[SEL_KEY] = (r["dataset"], r["relpath"])
+    ids: list[int] = []
+    if m is not None:
+        ids = _draw(view, m, p, options[option], option, anomaly_by, keep)
     with p[1]:
         if len(ids) > 1:
-            comp = df.loc[ids, "class"].value_counts().head(8).rename_axis("class").reset_index(name="images")
-            st.markdown(f"**{len(ids)} points selected** — most common classes:")
+            label = "class" if labelled(t) else f"pred_{levels[-1]}"
+            comp = t.loc[ids, label].value_counts().head(8).rename_axis(label).reset_index(name="images")
+            st.markdown(f"**{len(ids)} points selected** — most common {'classes' if label == 'class' else 'predictions'}:")
             st.dataframe(comp, hide_index=True, width="stretch")
-        st.caption(f"{len(df):,} images of {dataset} ({'full dataset' if limit is None else f'{limit} per class and split'}); "
-                   f"the gallery of known images is the training split ({len(g):,} images"
-                   + (f", without {len(manifest.get('heldout') or [])} held-out classes" if manifest.get("heldout") else "")
-                   + ").")
+        if g is not None:
+            st.caption(f"Known images: the model's training images ({len(g):,}"
+                       + (f", without {len(view.lm.manifest.get('heldout') or [])} held-out classes"
+                          if view.lm.manifest.get("heldout") else "") + ").")
     st.divider()
-    _selected_panel(df, g, model_name, sha, limit, ref)
-    _reducer_future(model_name, sha, limit)  # start loading UMAP for uploads in the background
+    selected_panel(view, g, m, keep)
+    if m is not None:
+        reducer(m)  # start loading UMAP for uploads in the background
+
+
+def _draw(view: ScoredView, m: TableMap, p, colour: tuple[str, str], option: str, anomaly_by: str, keep: float) -> list[int]:
+    """The map (scatter, density image or a zoomed region) with its captions; returns the picked rows."""
+    t = view.table
+    stamp = f"{m.key}-{view.scored.meta.get('created')}-{m.reducer_path.stat().st_mtime_ns}"
+    pts = _points(str(view.scored.folder), stamp, view, m)
+    values = _colour_values(view, pts.index, *colour)
+    flagged, s = np.zeros(len(pts), bool), None
+    note = ""
+    if anomaly_by != "none":
+        thr, where = threshold(view, anomaly_by, keep)
+        s = t.loc[pts.index, anomaly_by].to_numpy(np.float64)
+        flagged = s > thr
+        note = (f"{int(flagged.sum()):,} of {len(pts):,} images circled: {score_label(anomaly_by, view.levels)} above "
+                f"{thr:.3f}, the threshold that {where}.")
+    zoom = st.session_state.get(REGION_KEY)
+    region = zoom[2] if zoom and zoom[:2] == (view.lm.key, view.collection) and len(pts) > map_plot.SCATTER_MAX else None
+    kind = "region" if region else ("density" if len(pts) > map_plot.SCATTER_MAX else "scatter")
+    full = view_range(pts["x"].to_numpy(), pts["y"].to_numpy())
+    # the map's selection (kept in its widget state) is applied before drawing, so the picked image is ringed at once
+    ids = _take_selection(view, st.session_state.get(f"nb_map_{kind}"), kind, full)
+    marks = []
+    sel = st.session_state.get(SEL_KEY)
+    if sel and sel[0] == "image" and sel[1] == view.collection:
+        stamp = (view.scored.folder / "meta.json").stat().st_mtime_ns
+        pos = rows_by_path(str(view.scored.folder), stamp, t).get_indexer([sel[2]])[0]
+        if pos >= 0 and np.isfinite(m.coords[pos, 0]):
+            marks.append(Mark(float(m.coords[pos, 0]), float(m.coords[pos, 1]), "selected image", symbol="circle-open",
+                              colour="#000000", size=16, row=int(t.index[pos])))
+    if sel and sel[0] == "upload":  # placed before the map is drawn, so the star shows on it
+        up = upload(view, m)
+        if up and up.get("xy") is not None:
+            marks.append(Mark(float(up["xy"][0, 0]), float(up["xy"][0, 1]),
+                              "your image" + (" (approximate)" if up["how"] != EXACT else "")))
+    leaf = view.levels[-1]
+    labels_only = option == f"{leaf} (true)" or (option == f"{leaf} (predicted)" and not labelled(t))
+    mf = map_figure(pts, values, option, colour[0] == "num", flagged, marks, region,
+                    revision=f"{view.lm.key}-{view.collection}-{m.key}", colour_in_hover=not labels_only,
+                    flag_scores=s)
+    with p[0]:
+        st.plotly_chart(mf.figure, key=f"nb_map_{kind}", on_select="rerun", selection_mode=("points", "box", "lasso"),
+                        config={"scrollZoom": True, "displaylogo": False})
+        placed = f", {m.placed:,} placed with its `transform`" if m.placed > 0 else ""
+        st.caption(f"{len(pts):,} images of {view.collection}: UMAP fitted on {len(m.fitted):,}{placed}. {note}")
+        if mf.kind == "density":
+            st.caption(f"More than the {map_plot.SCATTER_MAX:,} points a browser draws smoothly, so the map is a density image"
+                       + (f" (colour: the mean {option} per cell)" if colour[0] == "num" else "")
+                       + ". Drag a box on it (or click) to draw that region's images.")
+        elif region is not None:
+            shown = f"a random {mf.drawn:,} of them drawn" if mf.drawn < mf.total else "all drawn"
+            st.caption(f"Zoomed into a region: {mf.total:,} images, {shown}.")
+            if st.button("Back to the whole map", icon=":material/zoom_out_map:", key="nb_unzoom"):
+                st.session_state.pop(REGION_KEY, None)
+                st.rerun()
+    return ids
 
 
 try:

@@ -14,26 +14,14 @@ import pandas as pd
 import streamlit as st
 
 from explain.neighbours import KNN_K, Gallery, neighbour_table
-from explain.ood import get_score
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import ScoredView, collection_annotation, gallery, get_source, scored_collection, thumbnail
+from pages.common import (ScoredView, collection_annotation, gallery, get_source, score_label, scored_collection,
+                          thumbnail)
 
 log = logging.getLogger("plankton_lens.review")
 
 POS_KEY = "rv_pos"
-KNN_LABEL = f"kNN distance (embedding, k={KNN_K})"
-
-
-def score_label(column: str, levels: tuple[str, ...]) -> str:
-    """A scored table's score column as a user reads it ("Entropy (class)", "kNN distance …")."""
-    if column == "knn_score":
-        return KNN_LABEL
-    rest = column[len("ood_"):]
-    lvl = next(lv for lv in sorted(levels, key=len, reverse=True) if rest.endswith("_" + lv))
-    return f"{get_score(rest[: -len(lvl) - 1]).label} ({lvl})"
-
-
 def _taxonomy_options(view: ScoredView) -> list[tuple[str, str]]:
     """(level, name) for every node of the model's taxonomy and the collection's own, leaf level first."""
     model = view.lm.classifier

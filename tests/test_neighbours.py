@@ -201,43 +201,95 @@ def test_cache_is_reused_and_rebuilt_when_the_model_changes(model_name, tmp_path
     assert len(list((tmp_path / "cache" / "embeddings" / "lens-test").glob("*.npz"))) == 2
 
 
-@requires_data
-def test_dataset_neighbours_scores_and_votes(model_name):
-    from explain.neighbours import image_frame
+# --- the map of a scored table (synthetic: no model, no data) ----------------------------------------
+def _scored(tmp_path, n: int = 1200, d: int = 24, centres: int = 6, unreadable: int = 3):
+    """A stand-in :class:`explain.score.ScoredTable`: clustered float16 embeddings, ``readable``
+    False for the first ``unreadable`` rows."""
+    from explain.score import ScoredTable
 
-    df = image_frame(model_name, LIMIT)
-    assert len(df) == len(df.dropna(subset=["knn_score"]))
-    assert df["in_gallery"].sum() > 0 and (~df["in_gallery"]).sum() > 0
-    assert (df.loc[df["in_gallery"], "split"] == "train").all()
-    # gallery images do not count themselves: their nearest neighbour is another image
-    assert (df.loc[df["in_gallery"], "nn_distance"] >= 0).all()
-    assert (df["knn_score"] >= df["nn_distance"]).all()
-    assert df["vote_share_class"].between(0.1, 1.0).all()
-    assert set(df["inconsistent"].unique()) <= {True, False}
-    assert (df.loc[df["inconsistent"], "inconsistency"].str.len() > 0).all()
+    x = _clustered(n, d=d, centres=centres, seed=3)
+    table = pd.DataFrame({"row": np.arange(n), "relpath": [f"{i}.png" for i in range(n)], "dataset": "syn",
+                          "class": "unlabelled", "readable": np.arange(n) >= unreadable})
+    folder = tmp_path / "table"
+    folder.mkdir(parents=True, exist_ok=True)
+    return ScoredTable(table, x.astype(np.float16), {"levels": ["class"], "rows": n}, folder)
 
 
-@requires_data
-def test_umap_map_is_cached_and_transform_places_images_near_their_fit(model_name):
-    from explain.embeddings import split_embeddings
-    from explain.projection import embedding_map, map_cached, place
+@pytest.fixture(scope="module")
+def small_fit_map(tmp_path_factory):
+    """A map fitted on 300 of 1,197 readable images (MAP_FIT_MAX patched), the rest placed."""
+    from explain import projection as P
 
-    m = embedding_map(model_name, limit_per_class=3)
-    assert m.coords.shape == (len(m.rows), 2) and np.isfinite(m.coords).all()
-    assert map_cached(model_name, limit_per_class=3)
-    again = embedding_map(model_name, limit_per_class=3)
+    scored = _scored(tmp_path_factory.mktemp("map"))
+    steps = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(P, "MAP_FIT_MAX", 300)
+        mp.setattr(P, "TRANSFORM_BATCH", 400)
+        m = P.table_map(scored, on_progress=lambda f, msg: steps.append((f, msg)))
+        yield scored, m, steps, mp
+
+
+def test_map_is_fitted_on_a_sample_and_the_rest_placed(small_fit_map):
+    from explain import projection as P
+
+    scored, m, steps, _ = small_fit_map
+    assert P.MAP_FIT_MAX == 300
+    assert m.coords.shape == (1200, 2) and m.coords.dtype == np.float32
+    assert np.isnan(m.coords[:3]).all() and np.isfinite(m.coords[3:]).all()  # unreadable rows stay off the map
+    assert len(m.fitted) == 300 and len(np.unique(m.fitted)) == 300 and (m.fitted >= 3).all()
+    assert m.placed == 1197 - 300
+    assert len(m.reducer().embedding_) == 300
+    np.testing.assert_array_equal(P.fit_sample(P.mappable(scored), 300), m.fitted)  # seeded: the same sample
+    fractions = [f for f, _ in steps]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(steps) >= 4  # 3 transform batches
+
+
+def test_map_is_cached_in_the_table_folder_and_read_back(small_fit_map):
+    from explain import projection as P
+
+    scored, m, _, mp = small_fit_map
+    coords_path, reducer_path = P.map_paths(scored.folder)
+    assert coords_path.parent == scored.folder and coords_path.exists() and reducer_path.exists()
+    assert not list(scored.folder.glob(".*tmp*"))  # atomic writes leave no temporary file
+    mp.setattr(P, "fit_umap", lambda *a, **k: (_ for _ in ()).throw(AssertionError("refitted")))
+    again = P.table_map(scored)
     assert again.seconds == 0.0
     np.testing.assert_array_equal(again.coords, m.coords)
-    emb, _ = split_embeddings(model_name, m.dataset, limit_per_class=3)
-    idx = np.arange(0, len(emb), max(1, len(emb) // 20))
-    xy = place(m.reducer(), emb[idx])
-    spread = np.linalg.norm(m.coords.max(0) - m.coords.min(0))
-    err = np.linalg.norm(xy - m.coords[idx], axis=1)
+    np.testing.assert_array_equal(again.fitted, m.fitted)
+    # other UMAP settings are another map; a damaged file reads as absent
+    mp.setattr(P, "UMAP_PARAMS", {**P.UMAP_PARAMS, "min_dist": 0.5})
+    assert P.read_map(scored) is None
+    mp.setattr(P, "UMAP_PARAMS", {**P.UMAP_PARAMS, "min_dist": 0.1})
+    assert P.read_map(scored) is not None
+
+
+def test_transform_places_held_back_images_near_their_fitted_neighbours(small_fit_map):
+    from explain import projection as P
+
+    scored, m, _, _ = small_fit_map
+    emb = normalise(np.asarray(scored.embeddings, np.float32))
+    rest = np.setdiff1d(np.arange(3, 1200), m.fitted)
+    _, nn = search(build_index(emb[m.fitted]), emb[rest], 1)
+    err = np.linalg.norm(m.coords[rest] - m.coords[m.fitted[nn[:, 0]]], axis=1)
+    spread = np.linalg.norm(np.nanmax(m.coords, 0) - np.nanmin(m.coords, 0))
     assert np.median(err) < 0.1 * spread, (np.median(err), spread)
+    # an upload placed approximately (nearest fitted images) lands near UMAP's exact transform
+    q = np.asarray(scored.embeddings[rest[:40]], np.float32)
+    quick = P.approximate_place(m, P.sample_index(scored, m), q)
+    exact = P.place(m.reducer(), q)
+    assert np.isfinite(quick).all()
+    assert np.median(np.linalg.norm(quick - exact, axis=1)) < 0.15 * spread
+
+
+def test_tiny_collection_gets_a_message_not_a_map(tmp_path):
+    from explain.projection import MAP_MIN, MapTooSmall, table_map
+
+    with pytest.raises(MapTooSmall, match=f"at least {MAP_MIN}"):
+        table_map(_scored(tmp_path, n=6, unreadable=3))
 
 
 def test_neighbour_position_is_a_weighted_mean_of_the_neighbours():
-    from explain.projection import gallery_map_rows, neighbour_position
+    from explain.projection import neighbour_position
 
     coords = np.array([[0, 0], [10, 0], [0, 10], [5, 5]], np.float32)
     # equal distances: the plain mean; missing neighbours (-1, inf) are ignored
@@ -246,44 +298,64 @@ def test_neighbour_position_is_a_weighted_mean_of_the_neighbours():
     # the closer neighbour weighs more; no neighbour at all gives NaN
     xy = neighbour_position(coords, np.array([[0, 1], [-1, -1]]), np.array([[0.1, 0.5], [np.inf, np.inf]]))
     assert xy[0, 0] < 5 and np.isnan(xy[1]).all()
-    rows = pd.DataFrame({"dataset": ["d"] * 3, "relpath": ["a", "b", "c"]})
-    gal = pd.DataFrame({"dataset": ["d", "d", "e"], "relpath": ["c", "a", "a"]})
-    np.testing.assert_array_equal(gallery_map_rows(gal, rows), [2, 0, -1])
 
 
-def test_quick_place_lands_in_the_cluster_of_the_neighbours():
-    from explain.projection import gallery_map_rows, quick_place
+def test_map_of_a_large_table_is_a_density_image_that_zooms_into_points(monkeypatch):
+    """Above SCATTER_MAX points the map is a 2-D histogram drawn as a heatmap; a box on it gives a
+    region whose points (at most REGION_MAX) are drawn as a scatter."""
+    import plotly.io as pio
 
-    x = _clustered(2000, centres=8)
-    rows = pd.DataFrame({"dataset": "syn", "relpath": [f"{i}.png" for i in range(len(x))], "class": "c"})
-    centre = normalise(x) @ np.ones((x.shape[1], 2), np.float32)  # a stand-in 2-D "map" of the vectors
-    g = make_gallery("m", "syn", ("class",), x[::2], rows.iloc[::2])
-    q = x[1::2][:50]
-    xy = quick_place(centre, g, gallery_map_rows(g.rows, rows), q, k=15)
-    truth = centre[1::2][:50]
-    spread = np.linalg.norm(centre.max(0) - centre.min(0))
-    assert np.median(np.linalg.norm(xy - truth, axis=1)) < 0.1 * spread
+    from explain import map_plot as M
 
-
-@requires_data
-def test_quick_placement_is_near_umap_transform(model_name):
-    """The instant placement of an upload (mean of its nearest known images on the map) lands
-    close to UMAP's exact ``transform``, which it stands in for until numba is ready."""
-    from explain.embeddings import split_embeddings
-    from explain.neighbours import load_gallery
-    from explain.projection import embedding_map, gallery_map_rows, place, quick_place
-
-    m = embedding_map(model_name, limit_per_class=3)
-    emb, rows = split_embeddings(model_name, m.dataset, limit_per_class=3)
-    g = load_gallery(model_name, 3)
-    to_map = gallery_map_rows(g.rows, rows)
-    assert (to_map >= 0).all()
-    idx = np.flatnonzero((rows["split"] != "train").to_numpy())[::5][:30]  # images outside the gallery
-    quick = quick_place(m.coords, g, to_map, emb[idx])
-    exact = place(m.reducer(), emb[idx])
-    spread = np.linalg.norm(m.coords.max(0) - m.coords.min(0))
-    assert np.isfinite(quick).all()
-    assert np.median(np.linalg.norm(quick - exact, axis=1)) < 0.15 * spread
+    monkeypatch.setattr(M, "SCATTER_MAX", 5_000)
+    monkeypatch.setattr(M, "REGION_MAX", 2_000)
+    monkeypatch.setattr(M, "RING_MAX", 500)
+    rng = np.random.default_rng(0)
+    n = 60_000
+    xy = np.concatenate([rng.normal(0, 1, (n // 2, 2)), rng.normal(6, 1, (n // 2, 2))]).astype(np.float32)
+    pts = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "label": np.where(np.arange(n) < n // 2, "a", "b")},
+                       index=pd.RangeIndex(n) + 7)
+    cat = pd.Series(pts["label"].to_numpy(), index=pts.index)
+    flagged = rng.random(n) < 0.05
+    mark = M.Mark(6.0, 6.0, "your image")
+    mf = M.map_figure(pts, cat, "class (true)", False, flagged, [mark], flag_scores=xy[:, 0])
+    assert mf.kind == "density" and mf.total == n and mf.drawn == 500
+    types = [t.type for t in mf.figure.data]
+    assert types[0] == "heatmap" and "scattergl" in types
+    heat = mf.figure.data[0]
+    view = M.view_range(xy[:, 0], xy[:, 1])
+    inside = M.in_region(xy[:, 0], xy[:, 1], view).sum()
+    assert int(np.asarray(heat.customdata).sum()) == inside  # every image in view counted once
+    rings = next(t for t in mf.figure.data if t.name.startswith(M.FLAGGED))
+    assert len(rings.x) == 500 and "the 500 highest" in rings.name  # the highest-scoring flagged images
+    assert np.min(rings.x) >= np.sort(xy[flagged, 0])[-500] - 1e-6
+    assert any(t.name == "your image" for t in mf.figure.data)
+    size = len(pio.to_json(mf.figure, validate=False))
+    assert size < 1_500_000, size  # a 256² image, not 60,000 points
+    # a score colours the cells by their mean
+    score = pd.Series(xy[:, 0].astype(np.float32), index=pts.index)
+    num = M.map_figure(pts, score, "kNN distance", True, np.zeros(n, bool))
+    z = np.asarray(num.figure.data[0].z, np.float64)
+    assert np.nanmin(z) >= xy[:, 0].min() - 1e-3 and np.nanmax(z) <= xy[:, 0].max() + 1e-3
+    # a box selection → a region → its points as a scatter, capped at REGION_MAX
+    region = M.region_from_selection({"box": [{"xref": "x", "yref": "y", "x": [5.0, 7.0], "y": [7.0, 5.0]}],
+                                      "points": []}, view)
+    assert region == (5.0, 7.0, 5.0, 7.0)
+    zoomed = M.map_figure(pts, cat, "class (true)", False, flagged, [mark], region=region)
+    assert zoomed.kind == "scatter" and zoomed.total == M.in_region(xy[:, 0], xy[:, 1], region).sum() > 2_000
+    assert zoomed.drawn == 2_000
+    rows = np.concatenate([np.asarray(t.customdata) for t in zoomed.figure.data
+                           if t.name not in ("your image", M.FLAGGED)])
+    assert len(rows) == 2_000 and set(rows) <= set(pts.index)
+    sub = pts.loc[rows]
+    assert M.in_region(sub["x"].to_numpy(), sub["y"].to_numpy(), region).all()
+    # a click on the density image zooms into a window around it; small maps stay a scatter
+    r = M.region_from_selection({"points": [{"x": 1.0, "y": 2.0, "customdata": -1}]}, view)
+    assert r[0] < 1.0 < r[1] and r[2] < 2.0 < r[3]
+    small = M.map_figure(pts.head(1000), cat.head(1000), "class (true)", False, flagged[:1000], [M.Mark(50.0, -40.0, "far")])
+    assert small.kind == "scatter" and small.drawn == 1000
+    xr, yr = small.figure.layout.xaxis.range, small.figure.layout.yaxis.range
+    assert xr[0] < 50 < xr[1] and yr[0] < -40 < yr[1]  # a mark off the central 99 % stays in view
 
 
 # --- commands --------------------------------------------------------------------------------------

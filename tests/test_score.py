@@ -63,25 +63,37 @@ def test_scored_table_has_one_row_per_image_and_the_json_summary(collections):
     assert run(MODEL, "cruise")["scored"] == 0
 
 
-def test_scored_table_equals_what_the_pages_computed(collections):
-    """NDSB test with the default model: predictions, confidences, kNN score and neighbour vote
-    equal the per-dataset frame the pages computed before (same gallery and images)."""
-    from explain.neighbours import image_frame
+def test_scored_table_equals_a_direct_computation(collections):
+    """NDSB test with the default model: predictions, confidences, kNN score, nearest distance and
+    neighbour vote equal a direct computation from the cached model outputs (split_outputs +
+    predictions_frame) and a FAISS search of the model's gallery (same gallery and images)."""
+    from explain.embeddings import predictions_frame, split_outputs
+    from explain.neighbours import KNN_K, batch_vote, load_gallery, normalise, search
     from explain.score import reference_limit, run, scored_table
+    from models.handle import open_model
 
     run(MODEL, "ndsb", split="test")
     t = scored_table(MODEL, "ndsb", split="test").table
-    old = image_frame(MODEL, limit_per_class=reference_limit())
-    old = old[old["split"] == "test"]
-    both = t.merge(old, on="relpath", suffixes=("", "_old"))
-    assert len(both) >= min(len(old), 200)
-    levels = [c[5:] for c in t.columns if c.startswith("pred_") and not c.startswith("pred_conf_")]
-    for lvl in levels:
-        assert (both[f"pred_{lvl}"] == both[f"pred_{lvl}_old"]).mean() > 0.999
-        np.testing.assert_allclose(both[f"pred_conf_{lvl}"], both[f"pred_conf_{lvl}_old"], atol=1e-4)
-        assert (both[f"vote_{lvl}"] == both[f"vote_{lvl}_old"]).mean() > 0.99
-    np.testing.assert_allclose(both["knn_score"], both["knn_score_old"], atol=1e-3)
-    assert (both["inconsistent"] == both["inconsistent_old"]).mean() > 0.999
+    o = split_outputs(MODEL, "ndsb", "test", limit_per_class=reference_limit())
+    g = load_gallery(MODEL, reference_limit())
+    assert not set(o.rows["relpath"]) & set(g.rows["relpath"])  # test images are not in the gallery
+    dist, ids = search(g.index, normalise(o.embeddings), KNN_K)
+    ref = pd.concat([o.rows.reset_index(drop=True)[["relpath"]], predictions_frame(o.logits, open_model(MODEL).classifier)],
+                    axis=1)
+    ref["knn_score"], ref["nn_distance"] = dist[:, KNN_K - 1], dist[:, 0]
+    for lvl in g.levels:
+        ref[f"vote_{lvl}"], ref[f"vote_share_{lvl}"] = batch_vote(g, ids, lvl)
+    both = t.merge(ref, on="relpath", suffixes=("", "_ref"))
+    assert len(both) >= min(len(ref), 200)
+    for lvl in g.levels:
+        assert (both[f"pred_{lvl}"] == both[f"pred_{lvl}_ref"]).mean() > 0.999
+        np.testing.assert_allclose(both[f"pred_conf_{lvl}"], both[f"pred_conf_{lvl}_ref"], atol=1e-4)
+        assert (both[f"vote_{lvl}"] == both[f"vote_{lvl}_ref"]).mean() > 0.99
+        np.testing.assert_allclose(both[f"vote_share_{lvl}"], both[f"vote_share_{lvl}_ref"], atol=0.11)
+    np.testing.assert_allclose(both["knn_score"], both["knn_score_ref"], atol=1e-3)
+    np.testing.assert_allclose(both["nn_distance"], both["nn_distance_ref"], atol=1e-3)
+    assert (both["inconsistent"] == both["inconsistent_ref"]).mean() > 0.999
+    assert (t["knn_score"] >= t["nn_distance"]).all() and t["vote_share_class"].between(0.1, 1.0).all()
 
 
 def test_killed_run_resumes_to_the_same_table(collections):
