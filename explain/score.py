@@ -522,10 +522,19 @@ def status(model: str, collection: str, split: str | None = None) -> dict:
             "images_per_s": info.get("images_per_s"), "folder": str(j.folder), "log": log}
 
 
+def _lower_priority() -> None:
+    """In a background run: yield the CPU to the dashboard's interactive work."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
 def start(model: str, collection: str, split: str | None = None, engine: str = "local") -> dict:
     """Score in a background process (``python -m explain.score run``) unless the table is done
     or a run is already going; returns :func:`status`. The process outlives the caller (a page
-    reload, a closed browser), writes its progress beside the table and its output to ``job.log``."""
+    reload, a closed browser), runs at a lower CPU priority than the dashboard, writes its progress
+    beside the table and its output to ``job.log``."""
     import subprocess
 
     now = status(model, collection, split)
@@ -537,7 +546,7 @@ def start(model: str, collection: str, split: str | None = None, engine: str = "
            "--engine", engine, "--json", *(["--split", split] if split else [])]
     with open(j.folder / "job.log", "wb") as log:
         p = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=log,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+                             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_lower_priority)
     _CHILDREN.append(p)
     _write_progress(j, now["done"], 0.0, engine, stage="starting", pid=p.pid)
     return status(model, collection, split)

@@ -399,6 +399,22 @@ def warm_caches() -> None:
     colorize(np.zeros((2, 2), np.float32), signed=True)
     for ds in get_sources():
         get_manifest(ds)
+    score_default_at_start(name)
+
+
+def score_default_at_start(name: str | None) -> None:
+    """Start scoring the default model's own dataset in the background (once: the table is then
+    on disk), so Anomalies, Neighbourhoods and Review open on it without waiting. Off with
+    ``PLANKTON_LENS_SCORE_AT_START=0``."""
+    import os
+
+    if os.environ.get("PLANKTON_LENS_SCORE_AT_START", "1") == "0" or name is None:
+        return
+    lm = open_model(name)
+    if lm.kind != "clip" and lm.dataset and lm.dataset in get_sources():
+        from explain.score import start
+
+        start(name, lm.dataset)
 
 
 # --- shared by Neighbourhoods, Review and Anomalies -------------------------------------------------

@@ -16,6 +16,8 @@ os.environ.setdefault("PLANKTON_DATASETS", str(REPO.parent / "shared" / "dataset
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #: Scoring reads a model against 10 images per class and split of its dataset (not all 30,000).
 os.environ.setdefault("PLANKTON_LENS_REFERENCE_LIMIT", "10")
+#: The test servers do not score the default model's dataset at start (tests score small collections).
+os.environ.setdefault("PLANKTON_LENS_SCORE_AT_START", "0")
 os.environ.setdefault("PLANKTON_LENS_DATA", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"plankton-lens-test-data-{os.getpid()}"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
