@@ -24,7 +24,7 @@ from explain.ood import CONFIG, auroc, fpr_at_tpr, is_log_probability, list_scor
 from explain.ood_evaluation import (Evaluation, display_image, evaluation, group_level, is_evaluated, known_group_unknown,
                                    most_anomalous, typical_index)
 from models.checkpoint import CheckpointError
-from pages.common import current_model, dataset_missing_message, model_dataset_problem, run_with_progress, size_choice
+from pages.common import current_model, dataset_missing_message, md_text, model_dataset_problem, run_with_progress, size_choice
 
 log = logging.getLogger("plankton_lens.anomalies")
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +94,9 @@ def _page_link(page: str, label: str, link: str | None) -> None:
     try:
         st.page_link(page, label=label, query_params={"image": link})
     except Exception:  # noqa: BLE001 - page not registered in this navigation: plain link
-        st.markdown(f"[{label}](/{Path(page).stem}?image={link})")
+        from urllib.parse import urlencode
+
+        st.markdown(f"[{label}](/{Path(page).stem}?{urlencode({'image': link})})")
 
 
 def _logit_bars(logits: np.ndarray, names: list[str], title: str, y_range: tuple[float, float], top: int = 30) -> go.Figure:
@@ -134,7 +136,7 @@ except DatasetNotFound:
     st.stop()
 except (CheckpointError, OSError, ValueError) as e:
     log.exception("OOD evaluation failed")
-    st.error(f"The OOD evaluation of {name!r} could not be computed: {e}")
+    st.error(md_text(f"The OOD evaluation of {name!r} could not be computed: {e}"))
     st.stop()
 
 id_name = ev.set_of("id")[0]
@@ -163,16 +165,16 @@ ref = c3.selectbox("OOD set for TPR / FPR / AUROC", ood_names, index=ood_names.i
 shown = st.multiselect("Sets shown", [n for n in ev.sets if len(ev.sets[n])], default=[n for n in ev.sets if len(ev.sets[n])],
                        key="ood_shown")
 if not len(ev.sets["held-out classes"]):
-    st.info(f"{name} was trained on every class, so its held-out histogram is empty. Pick a held-out model "
+    st.info(f"{md_text(name)} was trained on every class, so its held-out histogram is empty. Pick a held-out model "
             "(trained with `--holdout default`, e.g. ndsb-bacnn-heldout) in the sidebar to see unseen classes.")
 if is_logit and score in ("max_logit", "energy") and is_log_probability(ev.sets[id_name].logits[level]):
-    st.warning(f"This model's {level!r} outputs are already log-probabilities (they are summed from the level below), "
-               "so max logit and energy carry no information there; use the leaf level or another score.")
+    st.warning(f"This model's {md_text(repr(level))} outputs are already log-probabilities (they are summed from the level "
+               "below), so max logit and energy carry no information there; use the leaf level or another score.")
 
 try:
     s = ev.scores(score, level)
 except (ValueError, np.linalg.LinAlgError) as e:
-    st.error(f"The {score_label} score cannot be computed for this model: {e}")
+    st.error(f"The {score_label} score cannot be computed for this model: {md_text(e)}")
     st.stop()
 id_s, ref_s = s[id_name], s[ref]
 thr95 = threshold_at_tpr(id_s)
@@ -244,12 +246,13 @@ for col, (title, set_name, i, z) in zip(cols, [("Typical in-distribution image",
         if img is not None:
             a.image(img, width=160)
         row = ev.sets[set_name].rows.iloc[i]
-        b.markdown(f"**{title}**  \n{set_name} · class `{row['class']}`  \n{score_label}: **{float(s[set_name][i]):.4g}**"
+        b.markdown(f"**{title}**  \n{set_name} · class {md_text(row['class'], code=True)}  \n"
+                   f"{score_label}: **{float(s[set_name][i]):.4g}**"
                    + (f" ({'flagged' if s[set_name][i] > thr else 'kept'})"))
         if title.startswith("Typical"):
             b.caption("The correctly classified test image with the median score: a usual activation.")
         if title == "Selected image" and row.get("source"):
-            b.caption(f"made from {row['source']}")
+            b.caption(f"made from {md_text(row['source'])}")
         st.plotly_chart(_logit_bars(np.where(np.isfinite(z), z, np.nan), names, f"{bar_level} logits (top 30 of {len(names)})",
                                     y_range), key=f"ood_bars_{title[:4]}")
 
@@ -266,7 +269,8 @@ if grp and is_logit:
         col.caption(f"{int(kgu[n].sum()):,} of {len(kgu[n]):,} images")
     if sel_set in kgu and kgu[sel_set][sel_i]:
         g_name = ev.class_names[grp][int(np.nanargmax(ev.sets[sel_set].logits[grp][sel_i]))]
-        st.success(f"The selected image is a case of **known group, unknown class**: {grp} `{g_name}`, class unknown.")
+        st.success(f"The selected image is a case of **known group, unknown class**: {grp} {md_text(g_name, code=True)}, "
+                   "class unknown.")
 
 # gallery of the most anomalous images
 st.subheader("Most anomalous images")
@@ -278,7 +282,7 @@ for k, rw in top.iterrows():
         img = _image(name, sha, limit, rw["set"], int(rw["index"]), 112)
         if img is not None:
             st.image(img, width=112)
-        st.caption(f"{rw['set']}  \n`{rw['class']}` · {rw['score']:.3g}")
+        st.caption(f"{rw['set']}  \n{md_text(rw['class'], code=True)} · {rw['score']:.3g}")
         if st.button("Select", key=f"ood_pick_{k}", width="stretch"):
             st.session_state[SEL_KEY] = (name, str(rw["set"]), int(rw["index"]))
             st.rerun()

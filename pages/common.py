@@ -2,10 +2,16 @@
 
 Everything shown comes from plain functions in data/, models/ and explain/; this module only
 caches them (``st.cache_resource`` / ``st.cache_data``) and lays things out.
+
+Text from a user or a link (deep-link values, file names and paths, prompts, model, collection
+and class names, reviewer comments, messages that embed them) goes through :func:`md_text`
+wherever Streamlit renders Markdown (st.error / warning / info / success, captions, markdown,
+headers, image captions, metric labels, spinners, help tooltips).
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +29,36 @@ from models.handle import LensModel, open_model
 from models.zoo import CLASSIFIER_KINDS, default_model_name, list_models, model_names
 
 MODEL_KEY = "model_name"
+
+#: Every ASCII punctuation character: CommonMark lets a backslash escape each of them, and
+#: Markdown, GFM, math or Streamlit's ``:directives:`` and ``:material/icons:`` give most a meaning.
+_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+#: Where GFM would turn bare text into a link (``https://``, ``www.``, ``name@host``).
+_AUTOLINK = re.compile(r"(?<=:)(?=//)|(?i:(?<=www)(?=\.))|(?<=@)")
+WORD_JOINER = "\u2060"  # invisible, zero-width
+
+
+def md_text(value: object, code: bool = False) -> str:
+    """``value`` as Markdown that Streamlit shows as exactly that text: never a link, image,
+    emphasis, heading, list, HTML, math, colour or icon. For text from a user or a link inside
+    any Markdown-rendering call (st.error, st.caption, st.markdown, headers, image captions...).
+
+    Each ASCII punctuation character is backslash-escaped and line breaks are kept. GFM also makes links
+    of bare URLs and e-mail addresses after escaping, so an invisible word joiner (U+2060) goes
+    after the ``:`` of ``://``, after ``www`` before ``.`` and after ``@``. ``code=True`` gives
+    an inline code span instead, whose content Markdown shows as is (a fence longer than any
+    run of backticks in ``value``; line breaks become spaces), for paths and links."""
+    text = str(value)
+    if code:
+        if not text:
+            return ""
+        # a blank line would end the span; Streamlit reads ":material/" even in code
+        text = re.sub(r"\s", " ", text).replace(":material/", ":" + WORD_JOINER + "material/")
+        fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+        pad = " " if text.startswith("`") or text.endswith("`") or (text.startswith(" ") and text.endswith(" ")) else ""
+        return f"{fence}{pad}{text}{pad}{fence}"
+    text = _MD_SPECIAL.sub(r"\\\1", _AUTOLINK.sub(WORD_JOINER, text))
+    return re.sub(r"\r\n?|\n", "  \n", text)
 
 
 def _use_app_navigation() -> None:
@@ -165,10 +201,10 @@ def current_model() -> LensModel | None:
         st.info("No model in the zoo yet. Train one: `python -m models.train --arch bacnn --dataset ndsb`.")
         return None
     try:
-        with st.spinner(f"Loading {name}…"):
+        with st.spinner(f"Loading {md_text(name)}…"):
             return open_model(name)
     except CheckpointError as e:
-        st.error(f"Model {name!r} could not be loaded: {e}")
+        st.error(md_text(f"Model {name!r} could not be loaded: {e}"))
         return None
 
 
@@ -203,19 +239,19 @@ def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 
     ``preprocessing`` keeps it, :func:`data.decode.keeps_colour`), or show why it cannot be (None)."""
     sources = get_sources()
     if dataset not in sources:
-        st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
+        st.error(md_text(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'})."))
         return None
     man = get_manifest(dataset)
     row = man.loc[man["relpath"] == relpath]
     if row.empty:
-        st.error(f"There is no image {relpath!r} in the {dataset} dataset.")
+        st.error(md_text(f"There is no image {relpath!r} in the {dataset} dataset."))
         return None
     src = sources[dataset]
     try:
         fg, dec, _ = load_for_model(read_image_bytes(dataset, relpath), int(size), mode=src.mode, background=src.background,
                                     colour=keeps_colour(preprocessing or {}, src.mode))
     except (ImageDecodeError, FileNotFoundError) as e:
-        st.error(f"{relpath}: {getattr(e, 'message', e)}")
+        st.error(md_text(f"{relpath}: {getattr(e, 'message', e)}"))
         return None
     disp = fit_square(dec.image, display_px, src.background).convert("RGB")
     cls = str(row.iloc[0]["class"])
@@ -370,7 +406,7 @@ def safe_source(name: str) -> Source | None:
     try:
         return get_source(name)
     except DatasetNotFound as e:
-        st.warning(str(e))
+        st.warning(md_text(e))
         return None
 
 
@@ -479,14 +515,14 @@ def thumbnail(dataset: str, relpath: str, px: int = 96):
 
 def model_dataset_problem(lm: LensModel, purpose: str) -> str | None:
     """Why a page that works on the images a model was trained on cannot run for ``lm`` (its
-    dataset is unknown or not here), or None."""
+    dataset is unknown or not here), as Markdown, or None."""
     dataset = lm.manifest.get("dataset", "ndsb")
     if dataset is None:
-        return (f"{lm.name} does not name the dataset it was trained on, so there is nothing to {purpose} yet: "
+        return (f"{md_text(lm.name)} does not name the dataset it was trained on, so there is nothing to {purpose} yet: "
                 "register it with --dataset ndsb or zoolake when its classes are theirs. Classify & explain works "
                 "on any collection.")
     if dataset not in get_sources():
-        return f"The {dataset} dataset this model was trained on was not found, so there is nothing to {purpose}."
+        return f"The {md_text(dataset)} dataset this model was trained on was not found, so there is nothing to {purpose}."
     return None
 
 

@@ -17,7 +17,7 @@ from explain.embeddings import is_cached
 from explain.neighbours import KNN_K, Gallery, image_frame, neighbour_table
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import (dataset_embeddings, gallery, get_source, logit_scores, model_with_dataset,
+from pages.common import (dataset_embeddings, gallery, get_source, logit_scores, md_text, model_with_dataset,
                           run_with_progress, size_choice, thumbnail)
 
 log = logging.getLogger("plankton_lens.review")
@@ -81,13 +81,14 @@ def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...], emb: np.ndarray) 
         im = thumbnail(row["dataset"], row["relpath"], 192)
         if im is not None:
             st.image(im, width=192)
-        st.caption(f"`{row['dataset']}:{row['relpath']}` ({row['split']} split)  \ndataset label **{row['class']}**"
+        st.caption(f"{md_text(row['dataset'] + ':' + row['relpath'], code=True)} ({row['split']} split)  \n"
+                   f"dataset label **{md_text(row['class'])}**"
                    + (" (held-out class, unknown to the model)" if row["heldout"] else ""))
         link = {"image": f"{row['dataset']}:{row['relpath']}"}
         st.page_link("pages/classify.py", label="Explain this image", icon=":material/biotech:", query_params=link)
         st.page_link("pages/neighbourhoods.py", label="Show on the map", icon=":material/scatter_plot:", query_params=link)
     with right:
-        st.warning(f"**Flagged:** {row['reason']}", icon=":material/flag:")
+        st.warning(f"**Flagged:** {md_text(row['reason'])}", icon=":material/flag:")
         tab = pd.DataFrame({"level": list(levels),
                             "model predicts": [row[f"pred_{lvl}"] for lvl in levels],
                             "probability": [f"{row[f'pred_conf_{lvl}']:.0%}" for lvl in levels],
@@ -100,7 +101,7 @@ def _item(row: pd.Series, g: Gallery, levels: tuple[str, ...], emb: np.ndarray) 
             th = thumbnail(r["dataset"], r["relpath"])
             if th is not None:
                 col.image(th, width=80)
-            col.caption(f"{r[levels[-1]]}  \nd = {r['distance']:.3f}")
+            col.caption(f"{md_text(r[levels[-1]])}  \nd = {r['distance']:.3f}")
 
 
 def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, dataset: str, levels: tuple[str, ...],
@@ -125,9 +126,9 @@ def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, dataset:
     try:
         rid = store.record(d)
     except ReviewError as e:
-        st.error(str(e))
+        st.error(md_text(e))
         return False
-    st.session_state["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {d.label}" if d.label else "") + f" for {d.relpath}."
+    st.session_state["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {md_text(d.label)}" if d.label else "") + f" for {md_text(d.relpath)}."
     return True
 
 
@@ -206,7 +207,7 @@ def main() -> None:
     if st.button("Undo my last decision", icon=":material/undo:", key="rv_undo"):
         undone = store.undo(session=session)
         st.session_state["rv_undo_msg"] = ("Nothing to undo in this session." if undone is None else
-                                           f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {undone['relpath']}).")
+                                           f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {md_text(undone['relpath'])}).")
         st.rerun()
     st.divider()
     _decisions_panel(store)
@@ -216,4 +217,4 @@ try:
     main()
 except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
     log.exception("review page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {e}). Your recorded decisions are safe.")
+    st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). Your recorded decisions are safe.")
