@@ -22,7 +22,7 @@ from explain.saliency import available_methods, is_signed, list_methods
 from models.checkpoint import CheckpointError
 from models.handle import open_model
 from models.zoo import list_models
-from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image
+from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image, md_text
 from pages.common import image_key as _key
 
 CLIP_KEY = "clip_model_name"
@@ -100,11 +100,11 @@ def _from_upload(pc) -> Picked | None:
     try:
         fg, dec, square = load_for_model(up.getvalue(), pc.size, mode="L", background=None, max_aspect=MAX_ASPECT)
     except ImageDecodeError as e:
-        st.error(f"{up.name}: {e.message}")
+        st.error(md_text(f"{up.name}: {e.message}"))
         return None
     disp = square.convert("RGB").resize((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BICUBIC)
     for note in dec.notes:
-        st.caption(f"Note: {note}.")
+        st.caption(md_text(f"Note: {note}."))
     return Picked(_key(fg), up.name, fg, disp)
 
 
@@ -113,7 +113,7 @@ def _pick(pc, man: dict) -> Picked | None:
     if link and st.session_state.get("clip_link_done") != link:
         ds, sep, rel = link.partition(":")
         if not (sep and ds and rel):
-            st.error(f"The link's image {link!r} is not of the form <dataset>:<relative path>.")
+            st.error(md_text(f"The link's image {link!r} is not of the form <dataset>:<relative path>."))
         else:
             st.session_state["clip_link_done"] = link
             st.session_state["clip_source"] = "Dataset image"
@@ -192,8 +192,8 @@ def _contrast_section(pc, img: Picked, scores: pd.DataFrame) -> None:
     n = st.slider("Prompts shown on each side", 3, 15, 6, key="clip_contrast_n")
     show = pd.concat([df.head(n), df.tail(n)]).drop_duplicates("prompt")
     st.plotly_chart(_contrast_chart(show, a, b), width="stretch", key="clip_contrast", config={"displayModeBar": False})
-    st.caption(f"Blue: prompts of {a} (they raise A's score by how well the image matches them); orange: prompts of "
-               f"{b}; grey: prompts both share (their effect nearly cancels).")
+    st.caption(f"Blue: prompts of {md_text(a)} (they raise A's score by how well the image matches them); orange: prompts of "
+               f"{md_text(b)}; grey: prompts both share (their effect nearly cancels).")
 
 
 def _prompt_section(pc, img: Picked, mkey: str) -> None:
@@ -201,7 +201,7 @@ def _prompt_section(pc, img: Picked, mkey: str) -> None:
     try:
         res = xc.prompt_score(pc, img.fg, text)
     except xc.PromptError as e:
-        st.info(str(e))
+        st.info(md_text(e))
         return
     c = st.columns(3)
     c[0].metric("similarity", f"{res['similarity']:.3f}")
@@ -220,20 +220,20 @@ def _prompt_section(pc, img: Picked, mkey: str) -> None:
     try:
         sal = _saliency(mkey, img.key, res["prompt"], method, pc, img.fg)
     except (KeyError, NotImplementedError) as e:
-        st.info(str(e).strip("'\""))
+        st.info(md_text(str(e).strip("'\"")))
         return
     signed = is_signed(method)
     label = methods[method].label
     c1, c2 = st.columns(2)
     c1.image(img.display, caption="image", width="stretch")
-    c2.image(overlay(img.display, sal, alpha=0.7, signed=signed), caption=f"{label} for “{res['prompt']}”",
+    c2.image(overlay(img.display, sal, alpha=0.7, signed=signed), caption=f"{label} for “{md_text(res['prompt'])}”",
              width="stretch")
     st.caption(f"Red: pixels that raise the image's similarity to the prompt; blue: pixels that lower it ({label})." if signed
                else f"Bright: regions that matter most for the image's similarity to the prompt ({label}).")
 
 
 def _model_section(man: dict) -> None:
-    st.markdown(f"**{man['name']}** — open_clip model `{man.get('open_clip_model')}`, "
+    st.markdown(f"**{md_text(man['name'])}** — open_clip model {md_text(man.get('open_clip_model'), code=True)}, "
                 f"{(man.get('parameters') or 0) / 1e6:.1f} M parameters"
                 + (f", trained in {man['train_time_s'] / 60:.1f} min" if man.get("train_time_s") else "") + ".")
     if man.get("command"):
@@ -251,7 +251,7 @@ def _model_section(man: dict) -> None:
     test = met.get("test")
     if test:
         st.markdown("**As a classifier** over all names (test split), accuracy per level: " + ", ".join(
-            f"{lvl} {_pct(v['accuracy'])}" for lvl, v in test["levels"].items()))
+            f"{md_text(lvl)} {_pct(v['accuracy'])}" for lvl, v in test["levels"].items()))
     bench = xc.stored_benchmark(man.get("sha256"))
     if bench:
         st.markdown("**Anomaly detection** (AUROC against the known classes' test images):")
@@ -282,7 +282,7 @@ try:
     lm = open_model(name)
     pc, man = lm.require_clip(), lm.manifest
 except CheckpointError as e:
-    st.error(f"The CLIP model {name!r} could not be loaded: {e}")
+    st.error(md_text(f"The CLIP model {name!r} could not be loaded: {e}"))
     st.stop()
 mkey = lm.key
 
@@ -293,9 +293,9 @@ if img is None:
 scores = _classes(mkey, img.key, pc, img.fg)
 left, right = st.columns([1, 2])
 with left:
-    st.image(img.display, caption=img.label, width="stretch")
+    st.image(img.display, caption=md_text(img.label), width="stretch")
     if img.truth:
-        st.caption(f"True class: **{img.truth}**" + (" — held out of CLIP training: zero-shot." if img.truth in pc.heldout else "."))
+        st.caption(f"True class: **{md_text(img.truth)}**" + (" — held out of CLIP training: zero-shot." if img.truth in pc.heldout else "."))
 with right:
     st.markdown("**Zero-shot names** (all classes, including those held out of training)")
     top = scores.head(5).copy()

@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from data.info import dataset_info, sunburst_frame
-from pages.common import dataset_missing_message, get_sources, zoo_table
+from pages.common import dataset_missing_message, get_sources, md_text, zoo_table
 
 MAX_UPLOAD_MB = 200  # Streamlit's own upload limit (server.maxUploadSize)
 
@@ -36,7 +36,7 @@ else:
     st.info("No trained model found in models/zoo.")
 for m in table:
     if "error" in m:
-        st.warning(f"Model entry {m['name']!r} cannot be used: {m['error']}", icon=":material/error:")
+        st.warning(md_text(f"Model entry {m['name']!r} cannot be used: {m['error']}"), icon=":material/error:")
 
 
 def _add_model_form() -> None:
@@ -65,9 +65,9 @@ def _add_model_form() -> None:
             man = add_model(src, name.strip(), arch=arch.strip() or None, classes=cls, dataset=dataset or None,
                             size=int(size), command=f"python -m models add {src} --name {name.strip()}")
         except (PathNotAllowed, ModelImportError) as e:
-            st.error(str(e))
+            st.error(md_text(e))
         else:
-            st.success(f"Added {man['name']}: it is in the model picker of every page.")
+            st.success(f"Added {md_text(man['name'])}: it is in the model picker of every page.")
 
 
 _add_model_form()
@@ -110,9 +110,9 @@ def _collections_section() -> None:
             else:
                 e = add_collection(name.strip(), under_allowed_root(path))
         except (CollectionError, PathNotAllowed) as err:
-            st.error(str(err))
+            st.error(md_text(err))
         else:
-            st.success(f"Added the collection {name.strip()}: {e['kind']}, {e['images']:,} images. Pick it in "
+            st.success(f"Added the collection {md_text(name.strip())}: {md_text(e['kind'])}, {e['images']:,} images. Pick it in "
                        "the Classify & explain gallery.")
     entries = user_collections()
     if entries:
@@ -137,8 +137,9 @@ else:
     cols = st.columns(len(sources))
     for col, (name, src) in zip(cols, sources.items()):
         info = dataset_info(src)
-        col.metric(name, f"{info['images']:,} images", f"{info['classes']} classes", delta_color="off")
-        col.caption(f"{info['format']}: `{info['path']}` · splits " + ", ".join(f"{k} {v:,}" for k, v in info["splits"].items()))
+        col.metric(md_text(name), f"{info['images']:,} images", f"{info['classes']} classes", delta_color="off")
+        col.caption(f"{info['format']}: {md_text(info['path'], code=True)} · splits "
+                    + ", ".join(f"{md_text(k)} {v:,}" for k, v in info["splits"].items()))
     if "ndsb" in sources:
         st.subheader("NDSB taxonomy")
         frame = sunburst_frame(sources["ndsb"])

@@ -20,7 +20,7 @@ from explain.embeddings import compute_embeddings
 from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
 from explain.projection import gallery_map_rows, map_cached, map_frame, place, placed_frame, quick_place
 from models.handle import open_model
-from pages.common import (dataset_embeddings, gallery, get_sources, logit_scores, model_with_dataset,
+from pages.common import (dataset_embeddings, gallery, get_sources, logit_scores, md_text, model_with_dataset,
                           run_with_progress, size_choice, thumbnail)
 
 log = logging.getLogger("plankton_lens.neighbourhoods")
@@ -218,7 +218,7 @@ def _neighbour_panel(g: Gallery, emb: np.ndarray, k: int, exclude: int | None, t
             with col:
                 if im is not None:
                     st.image(im, width=THUMB)
-                st.caption(f"**{r[g.levels[-1]]}**  \nd = {r['distance']:.3f}")
+                st.caption(f"**{md_text(r[g.levels[-1]])}**  \nd = {r['distance']:.3f}")
                 st.page_link("pages/classify.py", label="explain", icon=":material/biotech:",
                              query_params={"image": f"{r['dataset']}:{r['relpath']}"})
 
@@ -237,12 +237,12 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
         if up is None:
             return
         if "error" in up:
-            st.error(f"{name}: {up['error']}")
+            st.error(md_text(f"{name}: {up['error']}"))
             return
         score = float(knn_score(g.index, up["emb"][None], KNN_K)[0])
         left, right = st.columns([1, 3])
         with left:
-            st.image(up["display"], caption=name, width=160)
+            st.image(up["display"], caption=md_text(name), width=160)
             _score_line(score, scores_ref)
             if up["how"] == EXACT:
                 st.caption("Placed on the map with UMAP `transform` (the yellow star).")
@@ -257,7 +257,7 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
     ds, rel = kind, name
     hit = df.index[(df["dataset"] == ds) & (df["relpath"] == rel)]
     if len(hit) == 0:
-        st.warning(f"{ds}:{rel} is not on this map (try the full map, or check the path).")
+        st.warning(f"{md_text(f'{ds}:{rel}')} is not on this map (try the full map, or check the path).")
         return
     row = df.loc[hit[0]]
     emb_all = dataset_embeddings(model_name, sha, limit, g.dataset)
@@ -271,9 +271,9 @@ def _selected_panel(df: pd.DataFrame, g: Gallery, model_name: str, sha: str, lim
     with left:
         im = thumbnail(ds, rel)
         if im is not None:
-            st.image(im, caption=rel.rsplit("/", 1)[-1], width=160)
-        st.markdown(f"**{row['class']}**  \n{row['split']} split" + (" · held-out class" if row["heldout"] else ""))
-        st.caption(f"Model predicts **{row['pred_class']}** ({row['pred_conf_class']:.0%})")
+            st.image(im, caption=md_text(rel.rsplit("/", 1)[-1]), width=160)
+        st.markdown(f"**{md_text(row['class'])}**  \n{row['split']} split" + (" · held-out class" if row["heldout"] else ""))
+        st.caption(f"Model predicts **{md_text(row['pred_class'])}** ({row['pred_conf_class']:.0%})")
         _score_line(float(row["knn_score"]), scores_ref)
         st.page_link("pages/classify.py", label="Explain this image", icon=":material/biotech:",
                      query_params={"image": f"{ds}:{rel}"})
@@ -353,7 +353,7 @@ def main() -> None:
         st.session_state[LINK_KEY] = link
         parsed = _parse_link(link)
         if parsed is None:
-            st.error(f"The link `?image={link}` is not of the form `?image=<dataset>:<relative path>`.")
+            st.error(f"The link {md_text('?image=' + link, code=True)} is not of the form `?image=<dataset>:<relative path>`.")
         else:
             st.session_state[SEL_KEY] = parsed
 
@@ -390,7 +390,7 @@ def main() -> None:
         try:
             extra = _zoolake(model_name, sha, limit)
         except DatasetNotFound as e:
-            st.warning(str(e))
+            st.warning(md_text(e))
 
     p = st.columns([3, 2])
     with p[1]:
@@ -402,7 +402,7 @@ def main() -> None:
         parsed = _parse_link(path.strip())
         if parsed is None:
             st.error("Write the image as `<dataset>:<relative path>`, e.g. "
-                     f"`{dataset}:{df['relpath'].iloc[0]}`.")
+                     f"{md_text(dataset + ':' + df['relpath'].iloc[0], code=True)}.")
         else:
             st.session_state[SEL_KEY] = parsed
     if up is not None and st.session_state.get("nb_upload_id") != up.file_id:
@@ -445,4 +445,4 @@ try:
     main()
 except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
     log.exception("neighbourhoods page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {e}). The rest of the app still works.")
+    st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). The rest of the app still works.")

@@ -17,7 +17,7 @@ from explain.neighbours import KNN_K, Gallery, neighbour_table
 from explain.ood import get_score
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import ScoredView, collection_annotation, gallery, get_source, scored_collection, thumbnail
+from pages.common import ScoredView, collection_annotation, gallery, get_source, md_text, scored_collection, thumbnail
 
 log = logging.getLogger("plankton_lens.review")
 
@@ -97,8 +97,8 @@ def _queue(view: ScoredView, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 def _label_line(row: pd.Series) -> str:
     if row["class"] == "unlabelled":
         note = collection_annotation(row["dataset"], row["relpath"])
-        return "no validated label" + (f" · {note}" if note else "")
-    return f"label **{row['class']}**" + (" (held-out class, unknown to the model)" if row["heldout"] else
+        return "no validated label" + (f" · {md_text(note)}" if note else "")
+    return f"label **{md_text(row['class'])}**" + (" (held-out class, unknown to the model)" if row["heldout"] else
                                           " (a class the model does not know)" if row["unknown_class"] else "")
 
 
@@ -110,12 +110,12 @@ def _item(row: pd.Series, g: Gallery | None, levels: tuple[str, ...], emb: np.nd
         im = thumbnail(row["dataset"], row["relpath"], 192)
         if im is not None:
             st.image(im, width=192)
-        st.caption(f"`{row['dataset']}:{row['relpath']}` ({row['split']} split)  \n{_label_line(row)}")
+        st.caption(f"{md_text(row['dataset'] + ':' + row['relpath'], code=True)} ({row['split']} split)  \n{_label_line(row)}")
         link = {"image": f"{row['dataset']}:{row['relpath']}"}
         st.page_link("pages/classify.py", label="Explain this image", icon=":material/biotech:", query_params=link)
         st.page_link("pages/neighbourhoods.py", label="Show on the map", icon=":material/scatter_plot:", query_params=link)
     with right:
-        st.warning(f"**Flagged:** {row['reason']}", icon=":material/flag:")
+        st.warning(f"**Flagged:** {md_text(row['reason'])}", icon=":material/flag:")
         voted = f"vote_{levels[-1]}" in row
         tab = pd.DataFrame({"level": list(levels),
                             "model predicts": [row[f"pred_{lvl}"] for lvl in levels],
@@ -132,7 +132,7 @@ def _item(row: pd.Series, g: Gallery | None, levels: tuple[str, ...], emb: np.nd
             th = thumbnail(r["dataset"], r["relpath"])
             if th is not None:
                 col.image(th, width=80)
-            col.caption(f"{r[levels[-1]]}  \nd = {r['distance']:.3f}")
+            col.caption(f"{md_text(r[levels[-1]])}  \nd = {r['distance']:.3f}")
 
 
 def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, opts: list[tuple[str, str]],
@@ -156,9 +156,9 @@ def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, opts: li
     try:
         rid = store.record(d)
     except ReviewError as e:
-        st.error(str(e))
+        st.error(md_text(e))
         return False
-    st.session_state["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {d.label}" if d.label else "") + f" for {d.relpath}."
+    st.session_state["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {md_text(d.label)}" if d.label else "") + f" for {md_text(d.relpath)}."
     return True
 
 
@@ -257,7 +257,7 @@ def main() -> None:
     if st.button("Undo my last decision", icon=":material/undo:", key="rv_undo"):
         undone = store.undo(session=session)
         st.session_state["rv_undo_msg"] = ("Nothing to undo in this session." if undone is None else
-                                           f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {undone['relpath']}).")
+                                           f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {md_text(undone['relpath'])}).")
         st.rerun()
     st.divider()
     _decisions_panel(store)
@@ -268,4 +268,4 @@ try:
     main()
 except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
     log.exception("review page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {e}). Your recorded decisions are safe.")
+    st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). Your recorded decisions are safe.")

@@ -113,7 +113,7 @@ def test_deep_link_and_bad_links(clip_zoo):
     at.query_params["image"] = "ndsb:train/copepod_calanoid/100010.jpg"
     at.run()
     assert not at.exception and not at.error
-    assert "True class: **copepod_calanoid**" in _texts(at)
+    assert "True class: **copepod\\_calanoid**" in _texts(at)
     assert any(b.label == "Choose another image" for b in at.button)
     at2 = _app()
     at2.switch_page("pages/clip.py")
