@@ -22,7 +22,7 @@ from plotly.subplots import make_subplots
 
 from data.decode import ImageDecodeError, keeps_colour, load_for_model
 from explain.ood import CONFIG, auroc, fpr_at_tpr, get_score, is_log_probability, rates_at
-from pages.common import COMPUTE_LOCK, ScoredView, get_source, md_text, scored_collection, thumbnail
+from pages.common import COMPUTE_LOCK, ScoredView, get_source, md_text, run_page, scored_collection, thumbnail
 
 log = logging.getLogger("plankton_lens.anomalies")
 ROOT = Path(__file__).resolve().parent.parent
@@ -326,8 +326,4 @@ def _gallery(view: ScoredView, top: pd.DataFrame, col: str) -> None:
             _page_link("pages/neighbourhoods.py", "Neighbours", link)
 
 
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
-    log.exception("anomalies page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}).")
+run_page(main, "anomalies")

@@ -24,7 +24,9 @@ from explain.saliency import available_methods, get_method, is_signed, list_meth
 from models.base import images_to_tensor
 from models.train import predict_arrays
 from models.handle import open_model
-from pages.common import COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_collection, current_model, gallery_sample, get_manifest, get_source, get_sources
+from pages.common import (
+    COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_collection, current_model, gallery_sample, get_manifest,
+    get_source, get_sources, run_page)
 from pages.common import explanation_attribution as _attr
 from pages.common import explanation_contrast as _contrast
 from pages.common import explanation_faithfulness as _faith
@@ -477,9 +479,4 @@ def main() -> None:
     _explain(model, mkey, img, x, pred, manifest, truth_path)
 
 
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
-    log.exception("classify page failed")
-    st.error(f"Something went wrong while explaining this image ({type(e).__name__}: {md_text(e)}). "
-             "The rest of the app still works; try another image or method.")
+run_page(main, "classify", "The rest of the app still works; try another image or method.")

@@ -22,7 +22,7 @@ from explain.saliency import available_methods, is_signed, list_methods
 from models.checkpoint import CheckpointError
 from models.handle import open_model
 from models.zoo import list_models
-from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image, md_text
+from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image, md_text, run_page
 from pages.common import image_key as _key
 
 CLIP_KEY = "clip_model_name"
@@ -263,65 +263,69 @@ def _model_section(man: dict) -> None:
 
 
 # --- page ------------------------------------------------------------------------------------------
-st.title("CLIP explanations")
-st.caption("A CLIP-style model trained on plankton images and captions built from the taxonomy and from curated "
-           "morphological descriptors: it scores how well any text describes an image.")
-models = clip_models()
-if not models:
-    st.info("No CLIP model in the zoo yet. Train one (about 40 min on 2 CPU cores): "
-            "`python -m models.clip_train --minutes 40`.")
-    st.stop()
-names = [m["name"] for m in models]
-current = st.session_state.get(CLIP_KEY)
-if current not in names and st.session_state.get(MODEL_KEY) in names:
-    current = st.session_state[MODEL_KEY]  # a CLIP model picked as the app's model
-default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
-name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
-                            help="CLIP models of the zoo (kind “clip”).")
-try:
-    lm = open_model(name)
-    pc, man = lm.require_clip(), lm.manifest
-except CheckpointError as e:
-    st.error(md_text(f"The CLIP model {name!r} could not be loaded: {e}"))
-    st.stop()
-mkey = lm.key
+def main() -> None:
+    st.title("CLIP explanations")
+    st.caption("A CLIP-style model trained on plankton images and captions built from the taxonomy and from curated "
+               "morphological descriptors: it scores how well any text describes an image.")
+    models = clip_models()
+    if not models:
+        st.info("No CLIP model in the zoo yet. Train one (about 40 min on 2 CPU cores): "
+                "`python -m models.clip_train --minutes 40`.")
+        return
+    names = [m["name"] for m in models]
+    current = st.session_state.get(CLIP_KEY)
+    if current not in names and st.session_state.get(MODEL_KEY) in names:
+        current = st.session_state[MODEL_KEY]  # a CLIP model picked as the app's model
+    default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
+    name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
+                                help="CLIP models of the zoo (kind “clip”).")
+    try:
+        lm = open_model(name)
+        pc, man = lm.require_clip(), lm.manifest
+    except CheckpointError as e:
+        st.error(md_text(f"The CLIP model {name!r} could not be loaded: {e}"))
+        return
+    mkey = lm.key
 
-img = _pick(pc, man)
-if img is None:
-    st.stop()
+    img = _pick(pc, man)
+    if img is None:
+        return
 
-scores = _classes(mkey, img.key, pc, img.fg)
-left, right = st.columns([1, 2])
-with left:
-    st.image(img.display, caption=md_text(img.label), width="stretch")
-    if img.truth:
-        st.caption(f"True class: **{md_text(img.truth)}**" + (" — held out of CLIP training: zero-shot." if img.truth in pc.heldout else "."))
-with right:
-    st.markdown("**Zero-shot names** (all classes, including those held out of training)")
-    top = scores.head(5).copy()
-    top["class"] = [c + ("  ★ held out" if h else "") for c, h in zip(top["class"], top["heldout"])]
-    st.dataframe(top[["class", "subgroup", "similarity", "probability"]], hide_index=True, width="stretch",
-                 column_config={"probability": st.column_config.ProgressColumn("probability", format="%.2f", min_value=0.0, max_value=1.0),
-                                "similarity": st.column_config.NumberColumn("similarity", format="%.3f")})
-    scorer = get_scorer(mkey, name, man.get("dataset", "ndsb"))
-    if scorer is not None:
-        s = scorer.score(img.fg[None])
-        pct = scorer.percentile(float(s["combined"][0]))
-        verdict = "unusual for this model" if pct >= 95 else "typical of known plankton"
-        w = scorer.weights or {"mcm": 0.5, "knn": 0.5}
-        st.metric("Anomaly score", f"{s['combined'][0]:+.2f}", help="Weighted sum of the z-scored MCM (max concept matching "
-                  "over the known classes' prompts) and kNN (distance to the 10th nearest known image) scores; the weights "
-                  f"(MCM {w['mcm']:.2f}, kNN {w['knn']:.2f}) follow how well each part separates chimeras of validation "
-                  "images from the images themselves.")
-        st.caption(f"Higher than {pct:.0f} % of known validation images: {verdict} "
-                   f"(MCM {s['mcm'][0]:.3f}, kNN distance {s['knn'][0]:.3f}).")
+    scores = _classes(mkey, img.key, pc, img.fg)
+    left, right = st.columns([1, 2])
+    with left:
+        st.image(img.display, caption=md_text(img.label), width="stretch")
+        if img.truth:
+            st.caption(f"True class: **{md_text(img.truth)}**" + (" — held out of CLIP training: zero-shot." if img.truth in pc.heldout else "."))
+    with right:
+        st.markdown("**Zero-shot names** (all classes, including those held out of training)")
+        top = scores.head(5).copy()
+        top["class"] = [c + ("  ★ held out" if h else "") for c, h in zip(top["class"], top["heldout"])]
+        st.dataframe(top[["class", "subgroup", "similarity", "probability"]], hide_index=True, width="stretch",
+                     column_config={"probability": st.column_config.ProgressColumn("probability", format="%.2f", min_value=0.0, max_value=1.0),
+                                    "similarity": st.column_config.NumberColumn("similarity", format="%.3f")})
+        scorer = get_scorer(mkey, name, man.get("dataset", "ndsb"))
+        if scorer is not None:
+            s = scorer.score(img.fg[None])
+            pct = scorer.percentile(float(s["combined"][0]))
+            verdict = "unusual for this model" if pct >= 95 else "typical of known plankton"
+            w = scorer.weights or {"mcm": 0.5, "knn": 0.5}
+            st.metric("Anomaly score", f"{s['combined'][0]:+.2f}", help="Weighted sum of the z-scored MCM (max concept matching "
+                      "over the known classes' prompts) and kNN (distance to the 10th nearest known image) scores; the weights "
+                      f"(MCM {w['mcm']:.2f}, kNN {w['knn']:.2f}) follow how well each part separates chimeras of validation "
+                      "images from the images themselves.")
+            st.caption(f"Higher than {pct:.0f} % of known validation images: {verdict} "
+                       f"(MCM {s['mcm'][0]:.3f}, kNN distance {s['knn'][0]:.3f}).")
 
-tabs = st.tabs(["Ranked prompts", "Why A rather than B", "Your prompt", "Model & benchmarks"])
-with tabs[0]:
-    _ranked_section(pc, img, mkey)
-with tabs[1]:
-    _contrast_section(pc, img, scores)
-with tabs[2]:
-    _prompt_section(pc, img, mkey)
-with tabs[3]:
-    _model_section(man)
+    tabs = st.tabs(["Ranked prompts", "Why A rather than B", "Your prompt", "Model & benchmarks"])
+    with tabs[0]:
+        _ranked_section(pc, img, mkey)
+    with tabs[1]:
+        _contrast_section(pc, img, scores)
+    with tabs[2]:
+        _prompt_section(pc, img, mkey)
+    with tabs[3]:
+        _model_section(man)
+
+
+run_page(main, "clip")

@@ -566,6 +566,20 @@ def model_with_dataset(title: str, intro: str, purpose: str):
     return model, manifest, name, manifest["sha256"], dataset
 
 
+# --- the page shell -------------------------------------------------------------------------------
+def run_page(main, page: str, reassurance: str = "The rest of the app still works.") -> None:
+    """Run a page's ``main()`` inside the one error boundary every page has: an unexpected error is
+    logged with its traceback and shown as one message (never a traceback), with ``reassurance``
+    (what the user has not lost). Streamlit's own control flow (st.stop, st.rerun) passes through."""
+    import logging
+
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001 - Streamlit's control flow is BaseException, not Exception
+        logging.getLogger(f"plankton_lens.{page}").exception("%s page failed", page)
+        st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). {reassurance}")
+
+
 # --- the scored table of the sidebar's collection (Anomalies, Neighbourhoods, Review) --------------
 @dataclass
 class ScoredView:
@@ -633,10 +647,6 @@ def scored_collection(title: str, intro: str) -> ScoredView | None:
     st.caption(intro)
     lm = current_model()
     if lm is None:
-        return None
-    if lm.kind == "clip":
-        st.info(f"{md_text(lm.name)} is a CLIP model: pick a classifier in the sidebar for this page (CLIP models are "
-                "explained on the CLIP page).")
         return None
     collection = current_collection()
     if collection is None:

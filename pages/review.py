@@ -17,7 +17,8 @@ from explain.neighbours import KNN_K, Gallery, neighbour_table
 from explain.ood import get_score
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import ScoredView, collection_annotation, gallery, get_source, md_text, scored_collection, thumbnail
+from pages.common import (
+    ScoredView, collection_annotation, gallery, get_source, md_text, run_page, scored_collection, thumbnail)
 
 log = logging.getLogger("plankton_lens.review")
 
@@ -217,7 +218,7 @@ def main() -> None:
                              "EcoTaxa TSV or an EcoTaxa import bundle with the model's scores.")
     if view is None:
         return
-    model_name, dataset, levels = view.lm.name, view.collection, view.levels
+    model_name, levels = view.lm.name, view.levels
     session = st.session_state.setdefault("rv_session", uuid.uuid4().hex[:12])
     store = ReviewStore()
     st.text_input("Reviewer", key="rv_reviewer", placeholder="Your name (stored with each decision)")
@@ -264,8 +265,4 @@ def main() -> None:
     _bundle_panel(view)
 
 
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
-    log.exception("review page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). Your recorded decisions are safe.")
+run_page(main, "review", "Your recorded decisions are safe.")
