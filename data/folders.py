@@ -59,10 +59,8 @@ class CollectionSource(Source):
             self.problems.append(p)
 
     def metadata(self) -> pd.DataFrame:
-        """One row per image of files(), columns :data:`META_COLUMNS`."""
-        rows = [{"relpath": r, "object_id": PurePosixPath(r).stem, "img_rank": 0, "category": c,
-                 "status": "validated" if c != UNLABELLED else "empty"} for r, c in self.files()]
-        return _typed(pd.DataFrame(rows, columns=META_COLUMNS))
+        """One row per image of files(), columns :data:`META_COLUMNS` (:func:`files_metadata`)."""
+        return files_metadata(self.files())
 
     def _build_taxonomy(self) -> Taxonomy:
         classes = sorted({c for _, c in self.files()})
@@ -70,6 +68,20 @@ class CollectionSource(Source):
         if UNLABELLED in paths:
             paths[UNLABELLED] = UNLABELLED_PATH
         return taxonomy_from_paths(self.name, paths)
+
+
+def files_metadata(files: list[tuple[str, str]]) -> pd.DataFrame:
+    """:data:`META_COLUMNS` of images known only by their files: the object id is the file's stem,
+    the folder's class a validated category (none for unlabelled images), and the acquisition time
+    is read from names that carry one (ZooLake / Scripps Plankton Camera, :func:`parse_spc_name`)."""
+    rows = []
+    for r, c in files:
+        spc = parse_spc_name(r)
+        rows.append({"relpath": r, "object_id": PurePosixPath(r).stem, "img_rank": 0, "category": c,
+                     "status": "validated" if c != UNLABELLED else "empty",
+                     "timestamp": spc["timestamp"] if spc else pd.NaT,
+                     "instrument": "SPC" if spc else None})
+    return _typed(pd.DataFrame(rows, columns=META_COLUMNS))
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -112,12 +124,6 @@ class FlatCollection(CollectionSource):
                 raise CollectionError(f"{self.root} holds no images (looked for {', '.join(IMAGE_EXTS)})")
             self._files = sorted(out)
         return self._files
-
-    def metadata(self) -> pd.DataFrame:
-        df = super().metadata()
-        spc = [parse_spc_name(r) for r in df["relpath"]]
-        df["timestamp"] = pd.to_datetime([s["timestamp"] if s else pd.NaT for s in spc], utc=True)
-        return df
 
 
 # --- ZooLake / Scripps Plankton Camera file names -----------------------------------------

@@ -103,6 +103,13 @@ class Source:
             raise FileNotFoundError(f"{relpath} is outside {self.root}")
         return p.read_bytes()
 
+    def metadata(self) -> "pd.DataFrame":
+        """One row per image (:data:`data.folders.META_COLUMNS`): object id, the class as a validated
+        category and, where the file names carry it (ZooLake), the acquisition time in UTC."""
+        from .folders import files_metadata
+
+        return files_metadata(self.files())
+
     def taxonomy(self) -> Taxonomy:
         if self._taxonomy is None:
             self._taxonomy = self._build_taxonomy()

@@ -267,7 +267,7 @@ def query(model_name: str, image_bytes: bytes, k: int = 10, background: int | No
     vote = neighbour_vote(t, g.levels)
     dist, ids = search(g.index, normalise(emb), KNN_K + 1)
     score = drop_self(dist, ids, np.array([own]), KNN_K)[0][0, KNN_K - 1]
-    return {
+    out = {
         "neighbours": [{"path": r["relpath"], "dataset": r["dataset"], "label": r[g.levels[-1]],
                         "distance": round(float(r["distance"]), 5)} for r in t.to_dict("records")],
         "vote": {lvl: v["label"] for lvl, v in vote.items()},
@@ -275,6 +275,23 @@ def query(model_name: str, image_bytes: bytes, k: int = 10, background: int | No
         "knn_score": round(float(score), 5),
         "knn_k": KNN_K,
     }
+    return {**out, **score_meaning(model_name, float(score), limit_per_class)}
+
+
+def score_meaning(model_name: str, score: float, limit_per_class: int | None) -> dict:
+    """What a kNN distance means: the threshold that keeps :data:`explain.score.KEEP` of the
+    model's validation images (with the same gallery) and whether ``score`` lies above it."""
+    from .score import KEEP, reference, reference_limit
+
+    if limit_per_class != reference_limit():
+        return {"knn_threshold": None, "knn_flagged": None,
+                "knn_threshold_note": "no threshold for a gallery of another size than the model's reference"}
+    thr = reference(open_model(model_name)).thresholds.get("knn_score")
+    if thr is None:
+        return {"knn_threshold": None, "knn_flagged": None, "knn_threshold_note": "the model has no validation images"}
+    return {"knn_threshold": round(thr, 5), "knn_flagged": bool(score > thr),
+            "knn_threshold_note": f"the threshold keeps {KEEP:.0%} of the model's validation images; "
+                                  "above it the image is flagged as unlike the known images"}
 
 
 def read_image_arg(arg: str) -> tuple[bytes, int | None, tuple[str, str] | None]:
@@ -302,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--k", type=int, default=10, help="number of neighbours (default 10)")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.add_argument("--limit-per-class", type=int, default=None, metavar="N",
-                   help="gallery of the first N training images per class only (a quick look)")
+                   help="gallery of the first N training images per class only (default: the model's "
+                        "reference, $PLANKTON_LENS_REFERENCE_LIMIT or all)")
     args = ap.parse_args(argv)
     from data.decode import ImageDecodeError
     from data.sources import DatasetNotFound
@@ -311,9 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.k < 1:
         print("error: --k must be at least 1", file=sys.stderr)
         return 2
+    from .score import reference_limit
+
     try:
         data, bg, source = read_image_arg(args.image)
-        res = query(args.model, data, args.k, bg, args.limit_per_class, source)
+        limit = args.limit_per_class if args.limit_per_class is not None else reference_limit()
+        res = query(args.model, data, args.k, bg, limit, source)
     except ImageDecodeError as e:
         print(f"error: {args.image}: {e.message}", file=sys.stderr)
         return 2
@@ -323,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"kNN score (k={KNN_K}): {res['knn_score']:.4f}")
+    print(f"kNN score (k={KNN_K}): {res['knn_score']:.4f}" + (
+        f" ({'flagged: above' if res['knn_flagged'] else 'below'} the threshold {res['knn_threshold']:.4f}, "
+        f"which keeps 95 % of the model's validation images)" if res["knn_threshold"] is not None else ""))
     print("vote: " + ", ".join(f"{lvl} {lab} ({res['vote_share'][lvl]:.0%})" for lvl, lab in res["vote"].items()))
     for i, nb in enumerate(res["neighbours"], 1):
         print(f"{i:>3}. {nb['distance']:.4f}  {nb['label']:<32} {nb['dataset']}:{nb['path']}")

@@ -27,9 +27,11 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -412,6 +414,25 @@ def _run_ray(j: Job, todo: list[int], on_chunk, address: str | None = None, **_)
 ENGINES: dict[str, Callable] = {"local": run_local, "ray": _run_ray}
 
 
+@contextmanager
+def _heartbeat(j: Job, done: int, engine: str, every_s: float = 30.0):
+    """Keep the progress file fresh during a long step without chunks (the reference), so that
+    :func:`status` does not take the run for a dead one."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            _write_progress(j, done, 0.0, engine, stage="reference")
+
+    t = threading.Thread(target=beat, daemon=True, name="score-heartbeat")
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
 def run(model: str, collection: str, split: str | None = None, engine: str = "local", address: str | None = None,
         progress: bool = False, on_progress: ProgressFn | None = None) -> dict:
     """Score ``collection`` with ``model`` (resuming a run that was cut short) and return
@@ -433,7 +454,8 @@ def run(model: str, collection: str, split: str | None = None, engine: str = "lo
                disable=not progress, smoothing=0.1)
     state = {"done": done, "new": 0}
     _write_progress(j, done, 0.0, engine, stage="reference")
-    j.ref  # noqa: B018 - the model's reference first (embeds its own dataset once, then cached)
+    with _heartbeat(j, done, engine):
+        j.ref  # noqa: B018 - the model's reference first (embeds its own dataset once, then cached)
     _write_progress(j, done, 0.0, engine)
     t0 = time.time()
 
@@ -522,10 +544,19 @@ def status(model: str, collection: str, split: str | None = None) -> dict:
             "images_per_s": info.get("images_per_s"), "folder": str(j.folder), "log": log}
 
 
+def _lower_priority() -> None:
+    """In a background run: yield the CPU to the dashboard's interactive work."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
 def start(model: str, collection: str, split: str | None = None, engine: str = "local") -> dict:
     """Score in a background process (``python -m explain.score run``) unless the table is done
     or a run is already going; returns :func:`status`. The process outlives the caller (a page
-    reload, a closed browser), writes its progress beside the table and its output to ``job.log``."""
+    reload, a closed browser), runs at a lower CPU priority than the dashboard, writes its progress
+    beside the table and its output to ``job.log``."""
     import subprocess
 
     now = status(model, collection, split)
@@ -537,7 +568,7 @@ def start(model: str, collection: str, split: str | None = None, engine: str = "
            "--engine", engine, "--json", *(["--split", split] if split else [])]
     with open(j.folder / "job.log", "wb") as log:
         p = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent, stdout=log, stderr=log,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
+                             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_lower_priority)
     _CHILDREN.append(p)
     _write_progress(j, now["done"], 0.0, engine, stage="starting", pid=p.pid)
     return status(model, collection, split)

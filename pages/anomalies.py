@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import urlencode
 
 import numpy as np
 import pandas as pd
@@ -21,7 +22,7 @@ from plotly.subplots import make_subplots
 
 from data.decode import ImageDecodeError, keeps_colour, load_for_model
 from explain.ood import CONFIG, auroc, fpr_at_tpr, get_score, is_log_probability, rates_at
-from pages.common import COMPUTE_LOCK, ScoredView, get_source, scored_collection, thumbnail
+from pages.common import COMPUTE_LOCK, ScoredView, get_source, md_text, run_page, scored_collection, thumbnail
 
 log = logging.getLogger("plankton_lens.anomalies")
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +112,7 @@ def _page_link(page: str, label: str, link: str | None) -> None:
     try:
         st.page_link(page, label=label, query_params={"image": link})
     except Exception:  # noqa: BLE001 - page not registered in this navigation: plain link
-        st.markdown(f"[{label}](/{Path(page).stem}?image={link})")
+        st.markdown(f"[{label}](/{Path(page).stem}?{urlencode({'image': link})})")
 
 
 def _logit_bars(logits: np.ndarray, names: list[str], title: str, y_range: tuple[float, float], top: int = 30) -> go.Figure:
@@ -140,7 +141,7 @@ def main() -> None:
     sets = image_sets(view)
     coll_sets = [n for n in sets if n != VAL]
     if not coll_sets:
-        st.warning(f"No readable image in {view.collection}.")
+        st.warning(f"No readable image in {md_text(view.collection)}.")
         return
     colours = {n: COLOURS[i % len(COLOURS)] for i, n in enumerate(sets)}
     scores = score_options(view)
@@ -159,8 +160,8 @@ def main() -> None:
     ref = c3.selectbox("Reference set for FPR / AUROC", coll_sets, index=coll_sets.index(default_ref), key="ood_ref")
     shown = st.multiselect("Sets shown", list(sets), default=list(sets), key="ood_shown")
     if VAL not in sets:
-        st.info(f"{lm.name} has no validation images here (no training dataset), so thresholds and TPR are read off "
-                f"{view.collection} itself.")
+        st.info(f"{md_text(lm.name)} has no validation images here (no training dataset), so thresholds and TPR are "
+                f"read off {md_text(view.collection)} itself.")
     if is_logit and score in ("max_logit", "energy") and VAL in sets and \
             lm.classifier.num_classes(level) > 1 and _log_prob_level(view, level):
         st.warning(f"This model's {level!r} outputs are already log-probabilities (they are summed from the level below), "
@@ -207,7 +208,7 @@ def main() -> None:
                       legend=dict(orientation="h", y=-0.25))
     st.plotly_chart(fig, key="ood_hist")
     st.caption(f"Values outside the 0.5–99.5 % range ({lo:.3g} … {hi:.3g}) are drawn at its edges. Flagged above the "
-               "threshold: " + ", ".join(f"{n} {np.mean(s[n] > thr):.0%}" for n in shown if n in s))
+               "threshold: " + ", ".join(f"{md_text(n)} {np.mean(s[n] > thr):.0%}" for n in shown if n in s))
 
     if is_logit and len(levels) > 1:
         with st.expander("Every level", expanded=False):
@@ -271,9 +272,9 @@ def _activations(view: ScoredView, sets, score: str, label: str, level: str, col
             if img is not None:
                 a.image(img, width=160)
             truth = r.get("class")
-            truth = "no validated label" if truth in (None, "unlabelled") else f"label `{truth}`"
+            truth = "no validated label" if truth in (None, "unlabelled") else f"label {md_text(truth, code=True)}"
             v = float(r[col])
-            b.markdown(f"**{title}**  \n{ds} · {truth}  \npredicted `{r[f'pred_{view.levels[-1]}']}`  \n"
+            b.markdown(f"**{title}**  \n{md_text(ds)} · {truth}  \npredicted {md_text(r[f'pred_{view.levels[-1]}'], code=True)}  \n"
                        f"{label}: **{v:.4g}** ({'flagged' if v > thr else 'kept'})")
             if title.startswith("Typical"):
                 b.caption("The correctly classified validation image with the median score: a usual activation.")
@@ -299,13 +300,13 @@ def _known_group(view: ScoredView, sets, score: str, shown: list[str]) -> None:
     for c, n in zip(kc, shown):
         df = sets[n]
         hit = (df[cg] <= tg) & (df[cl] > tl)
-        c.metric(n, f"{hit.mean():.1%}")
+        c.metric(md_text(n), f"{hit.mean():.1%}")
         c.caption(f"{int(hit.sum()):,} of {len(df):,} images")
 
 
 def _gallery(view: ScoredView, top: pd.DataFrame, col: str) -> None:
     st.subheader("Most anomalous images")
-    st.caption(f"The {len(top)} highest-scoring images of {view.collection}; each links to the explain page and the "
+    st.caption(f"The {len(top)} highest-scoring images of {md_text(view.collection)}; each links to the explain page and the "
                "neighbourhood view.")
     leaf = view.levels[-1]
     for k, (i, rw) in enumerate(top.iterrows()):
@@ -315,8 +316,8 @@ def _gallery(view: ScoredView, top: pd.DataFrame, col: str) -> None:
             img = thumbnail(rw["dataset"], rw["relpath"], 112)
             if img is not None:
                 st.image(img, width=112)
-            truth = "" if rw["class"] == "unlabelled" else f"`{rw['class']}` · "
-            st.caption(f"{truth}predicted `{rw[f'pred_{leaf}']}` · {rw[col]:.3g}")
+            truth = "" if rw["class"] == "unlabelled" else f"{md_text(rw['class'], code=True)} · "
+            st.caption(f"{truth}predicted {md_text(rw[f'pred_{leaf}'], code=True)} · {rw[col]:.3g}")
             if st.button("Select", key=f"ood_pick_{k}", width="stretch"):
                 st.session_state[SEL_KEY] = (view.lm.key, view.collection, int(i))
                 st.rerun()
@@ -325,8 +326,4 @@ def _gallery(view: ScoredView, top: pd.DataFrame, col: str) -> None:
             _page_link("pages/neighbourhoods.py", "Neighbours", link)
 
 
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
-    log.exception("anomalies page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {e}).")
+run_page(main, "anomalies")

@@ -24,12 +24,14 @@ from explain.saliency import available_methods, get_method, is_signed, list_meth
 from models.base import images_to_tensor
 from models.train import predict_arrays
 from models.handle import open_model
-from pages.common import COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_collection, current_model, gallery_sample, get_manifest, get_source, get_sources
+from pages.common import (
+    COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_collection, current_model, gallery_sample, get_manifest,
+    get_source, get_sources, run_page)
 from pages.common import explanation_attribution as _attr
 from pages.common import explanation_contrast as _contrast
 from pages.common import explanation_faithfulness as _faith
 from pages.common import explanation_references as _references
-from pages.common import load_dataset_image, thumbnail
+from pages.common import load_dataset_image, md_text, thumbnail
 from pages.common import image_key as _key
 
 log = logging.getLogger("plankton_lens.classify")
@@ -77,16 +79,17 @@ def _parse_link(value: str) -> tuple[str, str] | None:
 
 
 def _link_problem(link: str) -> str | None:
-    """Why a deep link ``<dataset>:<relpath>`` cannot be opened, or None when it can."""
+    """Why a deep link ``<dataset>:<relpath>`` cannot be opened (Markdown), or None when it can."""
     parsed = _parse_link(link)
     if parsed is None:
-        return f"The link `?image={link}` is not of the form `?image=<dataset>:<relative path>`."
+        return f"The link {md_text('?image=' + link, code=True)} is not of the form `?image=<dataset>:<relative path>`."
     ds, rel = parsed
     sources = get_sources()
     if ds not in sources:
-        return f"The link names the dataset {ds!r}, which is not available here (known: {', '.join(sources) or 'none'})."
+        return md_text(f"The link names the dataset {ds!r}, which is not available here "
+                       f"(known: {', '.join(sources) or 'none'}).")
     if not (get_manifest(ds)["relpath"] == rel).any():
-        return f"The link points to {rel!r}, but there is no image at that path in the {ds} dataset."
+        return md_text(f"The link points to {rel!r}, but there is no image at that path in the {ds} dataset.")
     return None
 
 
@@ -121,7 +124,7 @@ def _gallery(model, manifest: dict) -> Loaded | None:
     ds = current_collection() or next(iter(sources))
     c = st.columns([1, 1, 1.4, 1.8, 1.3])
     c[0].caption("Images")
-    c[0].markdown(f"**{ds}**" + (" (sample)" if sources[ds].sample else ""), help="Choose the collection in the sidebar.")
+    c[0].markdown(f"**{md_text(ds)}**" + (" (sample)" if sources[ds].sample else ""), help="Choose the collection in the sidebar.")
     man = get_manifest(ds)
     split = c[1].selectbox("Split", ["test", "val", "train", "all"], key="g_split",
                            help="Test images were never seen in training.")
@@ -159,7 +162,7 @@ def _gallery(model, manifest: dict) -> Loaded | None:
         else:
             shown = sub.nsmallest(12, "confidence")
             st.caption(f"The 12 test images (of {len(sub):,}) where the model's top class has the lowest probability.")
-        captions = {r: f"→ {_short(p)} ({c:.0%})" for r, p, c in zip(shown["relpath"], shown["predicted"], shown["confidence"])}
+        captions = {r: f"→ {md_text(_short(p))} ({c:.0%})" for r, p, c in zip(shown["relpath"], shown["predicted"], shown["confidence"])}
     if shown.empty:
         st.info("No image matches these filters.")
         return _current_selection(model)
@@ -176,8 +179,8 @@ def _gallery(model, manifest: dict) -> Loaded | None:
             else:
                 st.image(th, width="stretch")
             st.button("Explain", key=f"pick_{i}", on_click=_select, args=(ds, rel), width="stretch",
-                      type="primary" if sel == (ds, rel) else "secondary", help=f"{name} · {rel}")
-            st.caption(_short(name) + (f"  \n{captions[rel]}" if rel in captions else ""))
+                      type="primary" if sel == (ds, rel) else "secondary", help=md_text(f"{name} · {rel}"))
+            st.caption(md_text(_short(name)) + (f"  \n{captions[rel]}" if rel in captions else ""))
     st.button("Shuffle", icon=":material/shuffle:", key="g_shuffle", on_click=_shuffle)
     return _current_selection(model)
 
@@ -200,11 +203,11 @@ def _uploads(model) -> Loaded | None:
             fg, dec, square = load_for_model(f.getvalue(), model.preprocessing["size"], mode="L", max_aspect=MAX_ASPECT,
                                              colour=keeps_colour(model.preprocessing))
         except ImageDecodeError as e:
-            st.error(f"**{f.name}**: {e.message}", icon=":material/broken_image:")
+            st.error(f"**{md_text(f.name)}**: {md_text(e.message)}", icon=":material/broken_image:")
             continue
         except Exception as e:  # noqa: BLE001 - any decoder surprise is still a bad upload
             log.exception("upload %s", f.name)
-            st.error(f"**{f.name}** could not be read as an image ({type(e).__name__}).", icon=":material/broken_image:")
+            st.error(f"**{md_text(f.name)}** could not be read as an image ({type(e).__name__}).", icon=":material/broken_image:")
             continue
         disp = square.convert("RGB").resize((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BICUBIC)
         good.append(Loaded(_key(fg), f.name, fg, disp, dec.notes))
@@ -250,24 +253,24 @@ def _bars(levels: list[str], pred: Prediction, truth_path: dict) -> go.Figure:
 def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, heldout: list[str]) -> None:
     left, right = st.columns([1, 2.4])
     with left:
-        st.image(img.display, caption=img.label, width="stretch")
+        st.image(img.display, caption=md_text(img.label), width="stretch")
         if img.notes:
-            st.caption("Decoding: " + "; ".join(img.notes))
+            st.caption("Decoding: " + md_text("; ".join(img.notes)))
     with right:
         leaf = model.levels[-1]
         m = st.columns([2.2, 1, 2.2])
         with m[0]:
             st.caption("Predicted class")
-            st.markdown(f"#### {pred.path[leaf]}")
+            st.markdown(f"#### {md_text(pred.path[leaf])}")
         m[1].metric("Probability", f"{pred.topk[leaf][0][1]:.1%}")
         with m[2]:
             st.caption("Ground truth")
             if truth_path:
                 ok = truth_path[leaf] == pred.path[leaf]
-                st.markdown(f"#### {truth_path[leaf]}")
+                st.markdown(f"#### {md_text(truth_path[leaf])}")
                 st.markdown(":green-badge[:material/check: correct]" if ok else ":red-badge[:material/close: misclassified]")
             elif img.truth:
-                st.markdown(f"#### {img.truth}")
+                st.markdown(f"#### {md_text(img.truth)}")
                 st.markdown(":gray-badge[not in the model's taxonomy]")
             else:
                 st.markdown("#### —")
@@ -279,14 +282,14 @@ def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, 
             p = dict(pred.topk[lvl])[pred.path[lvl]]
             mark = ""
             if truth_path:
-                mark = " ✓" if truth_path[lvl] == pred.path[lvl] else f" ✗ (truth: {truth_path[lvl]})"
+                mark = " ✓" if truth_path[lvl] == pred.path[lvl] else f" ✗ (truth: {md_text(truth_path[lvl])})"
             flag = " ⚠" if lvl in pred.contradictions else ""
-            steps.append(f"**{lvl}**: {pred.path[lvl]} ({p:.0%}){flag}{mark}")
+            steps.append(f"**{md_text(lvl)}**: {md_text(pred.path[lvl])} ({p:.0%}){flag}{mark}")
         st.markdown("  \n".join(steps))
         for lvl, msg in pred.contradictions.items():
-            st.warning(f"Hierarchy contradiction at **{lvl}**: {msg}.", icon=":material/warning:")
+            st.warning(f"Hierarchy contradiction at **{md_text(lvl)}**: {md_text(msg)}.", icon=":material/warning:")
         if img.truth and img.truth in heldout:
-            st.info(f"{img.truth!r} was held out of this model's training: it has never seen this class"
+            st.info(f"{md_text(repr(img.truth))} was held out of this model's training: it has never seen this class"
                     + (" (a CLIP model still names it, zero-shot, from its text prompts)." if model.arch == "clip" else "."))
     st.plotly_chart(_bars(list(model.levels), pred, truth_path or {}), width="stretch", key="bars",
                     config={"displayModeBar": False})
@@ -343,6 +346,10 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
     if dropped:
         c[1].caption(f"No {', '.join(dropped)}: this model's image tower has no convolutional layer.")
     label = get_method(method).label
+
+    def heading(esc=str) -> str:  # the map's title; esc=md_text for a caption
+        return f"{label} · {esc(level)}: {esc(target)}" + ("" if other == "—" else f" rather than {esc(other)}")
+
     order = list(np.argsort(-pred.probs[level]))
     names = model.class_names[level]
     opts = [names[i] for i in order]
@@ -360,17 +367,17 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
                                + ", ".join(m.label for m in list_methods() if not m.signed) + " are usually shown as magnitudes.")
     with st.spinner(f"Computing {label}…"):
         amap, delta = _attr(mkey, img.key, level, target, method, signed, model, x)
-        shown, shown_signed, title = amap, is_signed(method, signed), f"{label} · {level}: {target}"
+        shown, shown_signed, title = amap, is_signed(method, signed), heading()
         if other != "—":
             shown = _contrast(mkey, img.key, level, target, other, method, model, x)
-            shown_signed, title = True, f"{label} · {level}: {target} rather than {other}"
+            shown_signed = True
         grid_targets = {lvl: (target if lvl == level else pred.path[lvl]) for lvl in model.levels}
         refs = _references(mkey, img.key, tuple(grid_targets.items()), model, x)
         faith = _faith(mkey, img.key, level, target, _key(shown.astype(np.float32)), refs[level], model, x, shown)
     over = export.overlay(img.display, shown, alpha, shown_signed, cmap)
     a, b, d = st.columns([1, 1, 1.35])
     a.image(img.display, caption="image", width="stretch")
-    b.image(over, caption=title, width="stretch")
+    b.image(over, caption=heading(md_text), width="stretch")
     b.caption(":red[red] = evidence for, :blue[blue] = evidence against" if shown_signed
               else f"{cmap}: brighter = more important")
     with d:
@@ -396,8 +403,8 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
             f_ = _faith(mkey, img.key, lvl, grid_targets[lvl], _key(m_.astype(np.float32)), refs[lvl], model, x, m_)
         ov = export.overlay(img.display, m_, alpha, is_signed(method, signed), cmap)
         grid.append((f"{lvl}: {grid_targets[lvl]}", ov, f_))
-        col.image(ov, caption=f"{lvl}: {grid_targets[lvl]} ({pred.probs[lvl][model.class_names[lvl].index(grid_targets[lvl])]:.0%})",
-                  width="stretch")
+        p_ = pred.probs[lvl][model.class_names[lvl].index(grid_targets[lvl])]
+        col.image(ov, caption=f"{md_text(lvl)}: {md_text(grid_targets[lvl])} ({p_:.0%})", width="stretch")
         col.markdown(_badge(f_))
 
     st.subheader("Export")
@@ -420,7 +427,7 @@ def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict,
     e[1].download_button("Scores (JSON)", icon=":material/data_object:", file_name=f"{stem}_{method}.json",
                          mime="application/json", key="dl_json", data=export.explanation_json(record))
     if img.link:
-        e[2].caption(f"Link to this image: `?image={img.link}`")
+        e[2].caption(f"Link to this image: {md_text('?image=' + img.link, code=True)}")
 
 
 # --- page ------------------------------------------------------------------------------------
@@ -434,7 +441,7 @@ def main() -> None:
     model.eval()
     mkey = loaded.key
     if model.arch == "clip":
-        st.info(f"**{manifest.get('name')}** is a CLIP model used as a classifier: a class's logit is the scaled "
+        st.info(f"**{md_text(manifest.get('name'))}** is a CLIP model used as a classifier: a class's logit is the scaled "
                 "similarity of the image to that class's text prompts, and the higher levels add up their classes' "
                 "probabilities. The text prompts behind a prediction are on the *CLIP explanations* page.",
                 icon=":material/translate:")
@@ -467,14 +474,9 @@ def main() -> None:
     with COMPUTE_LOCK:
         pred = predict(model, x, k=5)
     truth_path = ground_truth_path(model, img.truth)
-    st.header(img.label.rsplit("/", 1)[-1] if img.link else img.label, divider="gray")
+    st.header(md_text(img.label.rsplit("/", 1)[-1] if img.link else img.label), divider="gray")
     _predictions(model, img, pred, truth_path, list(manifest.get("heldout") or []))
     _explain(model, mkey, img, x, pred, manifest, truth_path)
 
 
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
-    log.exception("classify page failed")
-    st.error(f"Something went wrong while explaining this image ({type(e).__name__}: {e}). "
-             "The rest of the app still works; try another image or method.")
+run_page(main, "classify", "The rest of the app still works; try another image or method.")

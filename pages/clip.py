@@ -22,7 +22,7 @@ from explain.saliency import available_methods, is_signed, list_methods
 from models.checkpoint import CheckpointError
 from models.handle import open_model
 from models.zoo import list_models
-from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image
+from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image, md_text, run_page
 from pages.common import image_key as _key
 
 CLIP_KEY = "clip_model_name"
@@ -100,11 +100,11 @@ def _from_upload(pc) -> Picked | None:
     try:
         fg, dec, square = load_for_model(up.getvalue(), pc.size, mode="L", background=None, max_aspect=MAX_ASPECT)
     except ImageDecodeError as e:
-        st.error(f"{up.name}: {e.message}")
+        st.error(md_text(f"{up.name}: {e.message}"))
         return None
     disp = square.convert("RGB").resize((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BICUBIC)
     for note in dec.notes:
-        st.caption(f"Note: {note}.")
+        st.caption(md_text(f"Note: {note}."))
     return Picked(_key(fg), up.name, fg, disp)
 
 
@@ -113,7 +113,7 @@ def _pick(pc, man: dict) -> Picked | None:
     if link and st.session_state.get("clip_link_done") != link:
         ds, sep, rel = link.partition(":")
         if not (sep and ds and rel):
-            st.error(f"The link's image {link!r} is not of the form <dataset>:<relative path>.")
+            st.error(md_text(f"The link's image {link!r} is not of the form <dataset>:<relative path>."))
         else:
             st.session_state["clip_link_done"] = link
             st.session_state["clip_source"] = "Dataset image"
@@ -192,8 +192,8 @@ def _contrast_section(pc, img: Picked, scores: pd.DataFrame) -> None:
     n = st.slider("Prompts shown on each side", 3, 15, 6, key="clip_contrast_n")
     show = pd.concat([df.head(n), df.tail(n)]).drop_duplicates("prompt")
     st.plotly_chart(_contrast_chart(show, a, b), width="stretch", key="clip_contrast", config={"displayModeBar": False})
-    st.caption(f"Blue: prompts of {a} (they raise A's score by how well the image matches them); orange: prompts of "
-               f"{b}; grey: prompts both share (their effect nearly cancels).")
+    st.caption(f"Blue: prompts of {md_text(a)} (they raise A's score by how well the image matches them); orange: prompts of "
+               f"{md_text(b)}; grey: prompts both share (their effect nearly cancels).")
 
 
 def _prompt_section(pc, img: Picked, mkey: str) -> None:
@@ -201,7 +201,7 @@ def _prompt_section(pc, img: Picked, mkey: str) -> None:
     try:
         res = xc.prompt_score(pc, img.fg, text)
     except xc.PromptError as e:
-        st.info(str(e))
+        st.info(md_text(e))
         return
     c = st.columns(3)
     c[0].metric("similarity", f"{res['similarity']:.3f}")
@@ -220,20 +220,20 @@ def _prompt_section(pc, img: Picked, mkey: str) -> None:
     try:
         sal = _saliency(mkey, img.key, res["prompt"], method, pc, img.fg)
     except (KeyError, NotImplementedError) as e:
-        st.info(str(e).strip("'\""))
+        st.info(md_text(str(e).strip("'\"")))
         return
     signed = is_signed(method)
     label = methods[method].label
     c1, c2 = st.columns(2)
     c1.image(img.display, caption="image", width="stretch")
-    c2.image(overlay(img.display, sal, alpha=0.7, signed=signed), caption=f"{label} for “{res['prompt']}”",
+    c2.image(overlay(img.display, sal, alpha=0.7, signed=signed), caption=f"{label} for “{md_text(res['prompt'])}”",
              width="stretch")
     st.caption(f"Red: pixels that raise the image's similarity to the prompt; blue: pixels that lower it ({label})." if signed
                else f"Bright: regions that matter most for the image's similarity to the prompt ({label}).")
 
 
 def _model_section(man: dict) -> None:
-    st.markdown(f"**{man['name']}** — open_clip model `{man.get('open_clip_model')}`, "
+    st.markdown(f"**{md_text(man['name'])}** — open_clip model {md_text(man.get('open_clip_model'), code=True)}, "
                 f"{(man.get('parameters') or 0) / 1e6:.1f} M parameters"
                 + (f", trained in {man['train_time_s'] / 60:.1f} min" if man.get("train_time_s") else "") + ".")
     if man.get("command"):
@@ -251,7 +251,7 @@ def _model_section(man: dict) -> None:
     test = met.get("test")
     if test:
         st.markdown("**As a classifier** over all names (test split), accuracy per level: " + ", ".join(
-            f"{lvl} {_pct(v['accuracy'])}" for lvl, v in test["levels"].items()))
+            f"{md_text(lvl)} {_pct(v['accuracy'])}" for lvl, v in test["levels"].items()))
     bench = xc.stored_benchmark(man.get("sha256"))
     if bench:
         st.markdown("**Anomaly detection** (AUROC against the known classes' test images):")
@@ -263,65 +263,69 @@ def _model_section(man: dict) -> None:
 
 
 # --- page ------------------------------------------------------------------------------------------
-st.title("CLIP explanations")
-st.caption("A CLIP-style model trained on plankton images and captions built from the taxonomy and from curated "
-           "morphological descriptors: it scores how well any text describes an image.")
-models = clip_models()
-if not models:
-    st.info("No CLIP model in the zoo yet. Train one (about 40 min on 2 CPU cores): "
-            "`python -m models.clip_train --minutes 40`.")
-    st.stop()
-names = [m["name"] for m in models]
-current = st.session_state.get(CLIP_KEY)
-if current not in names and st.session_state.get(MODEL_KEY) in names:
-    current = st.session_state[MODEL_KEY]  # a CLIP model picked as the app's model
-default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
-name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
-                            help="CLIP models of the zoo (kind “clip”).")
-try:
-    lm = open_model(name)
-    pc, man = lm.require_clip(), lm.manifest
-except CheckpointError as e:
-    st.error(f"The CLIP model {name!r} could not be loaded: {e}")
-    st.stop()
-mkey = lm.key
+def main() -> None:
+    st.title("CLIP explanations")
+    st.caption("A CLIP-style model trained on plankton images and captions built from the taxonomy and from curated "
+               "morphological descriptors: it scores how well any text describes an image.")
+    models = clip_models()
+    if not models:
+        st.info("No CLIP model in the zoo yet. Train one (about 40 min on 2 CPU cores): "
+                "`python -m models.clip_train --minutes 40`.")
+        return
+    names = [m["name"] for m in models]
+    current = st.session_state.get(CLIP_KEY)
+    if current not in names and st.session_state.get(MODEL_KEY) in names:
+        current = st.session_state[MODEL_KEY]  # a CLIP model picked as the app's model
+    default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
+    name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
+                                help="CLIP models of the zoo (kind “clip”).")
+    try:
+        lm = open_model(name)
+        pc, man = lm.require_clip(), lm.manifest
+    except CheckpointError as e:
+        st.error(md_text(f"The CLIP model {name!r} could not be loaded: {e}"))
+        return
+    mkey = lm.key
 
-img = _pick(pc, man)
-if img is None:
-    st.stop()
+    img = _pick(pc, man)
+    if img is None:
+        return
 
-scores = _classes(mkey, img.key, pc, img.fg)
-left, right = st.columns([1, 2])
-with left:
-    st.image(img.display, caption=img.label, width="stretch")
-    if img.truth:
-        st.caption(f"True class: **{img.truth}**" + (" — held out of CLIP training: zero-shot." if img.truth in pc.heldout else "."))
-with right:
-    st.markdown("**Zero-shot names** (all classes, including those held out of training)")
-    top = scores.head(5).copy()
-    top["class"] = [c + ("  ★ held out" if h else "") for c, h in zip(top["class"], top["heldout"])]
-    st.dataframe(top[["class", "subgroup", "similarity", "probability"]], hide_index=True, width="stretch",
-                 column_config={"probability": st.column_config.ProgressColumn("probability", format="%.2f", min_value=0.0, max_value=1.0),
-                                "similarity": st.column_config.NumberColumn("similarity", format="%.3f")})
-    scorer = get_scorer(mkey, name, man.get("dataset", "ndsb"))
-    if scorer is not None:
-        s = scorer.score(img.fg[None])
-        pct = scorer.percentile(float(s["combined"][0]))
-        verdict = "unusual for this model" if pct >= 95 else "typical of known plankton"
-        w = scorer.weights or {"mcm": 0.5, "knn": 0.5}
-        st.metric("Anomaly score", f"{s['combined'][0]:+.2f}", help="Weighted sum of the z-scored MCM (max concept matching "
-                  "over the known classes' prompts) and kNN (distance to the 10th nearest known image) scores; the weights "
-                  f"(MCM {w['mcm']:.2f}, kNN {w['knn']:.2f}) follow how well each part separates chimeras of validation "
-                  "images from the images themselves.")
-        st.caption(f"Higher than {pct:.0f} % of known validation images: {verdict} "
-                   f"(MCM {s['mcm'][0]:.3f}, kNN distance {s['knn'][0]:.3f}).")
+    scores = _classes(mkey, img.key, pc, img.fg)
+    left, right = st.columns([1, 2])
+    with left:
+        st.image(img.display, caption=md_text(img.label), width="stretch")
+        if img.truth:
+            st.caption(f"True class: **{md_text(img.truth)}**" + (" — held out of CLIP training: zero-shot." if img.truth in pc.heldout else "."))
+    with right:
+        st.markdown("**Zero-shot names** (all classes, including those held out of training)")
+        top = scores.head(5).copy()
+        top["class"] = [c + ("  ★ held out" if h else "") for c, h in zip(top["class"], top["heldout"])]
+        st.dataframe(top[["class", "subgroup", "similarity", "probability"]], hide_index=True, width="stretch",
+                     column_config={"probability": st.column_config.ProgressColumn("probability", format="%.2f", min_value=0.0, max_value=1.0),
+                                    "similarity": st.column_config.NumberColumn("similarity", format="%.3f")})
+        scorer = get_scorer(mkey, name, man.get("dataset", "ndsb"))
+        if scorer is not None:
+            s = scorer.score(img.fg[None])
+            pct = scorer.percentile(float(s["combined"][0]))
+            verdict = "unusual for this model" if pct >= 95 else "typical of known plankton"
+            w = scorer.weights or {"mcm": 0.5, "knn": 0.5}
+            st.metric("Anomaly score", f"{s['combined'][0]:+.2f}", help="Weighted sum of the z-scored MCM (max concept matching "
+                      "over the known classes' prompts) and kNN (distance to the 10th nearest known image) scores; the weights "
+                      f"(MCM {w['mcm']:.2f}, kNN {w['knn']:.2f}) follow how well each part separates chimeras of validation "
+                      "images from the images themselves.")
+            st.caption(f"Higher than {pct:.0f} % of known validation images: {verdict} "
+                       f"(MCM {s['mcm'][0]:.3f}, kNN distance {s['knn'][0]:.3f}).")
 
-tabs = st.tabs(["Ranked prompts", "Why A rather than B", "Your prompt", "Model & benchmarks"])
-with tabs[0]:
-    _ranked_section(pc, img, mkey)
-with tabs[1]:
-    _contrast_section(pc, img, scores)
-with tabs[2]:
-    _prompt_section(pc, img, mkey)
-with tabs[3]:
-    _model_section(man)
+    tabs = st.tabs(["Ranked prompts", "Why A rather than B", "Your prompt", "Model & benchmarks"])
+    with tabs[0]:
+        _ranked_section(pc, img, mkey)
+    with tabs[1]:
+        _contrast_section(pc, img, scores)
+    with tabs[2]:
+        _prompt_section(pc, img, mkey)
+    with tabs[3]:
+        _model_section(man)
+
+
+run_page(main, "clip")

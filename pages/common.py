@@ -2,10 +2,16 @@
 
 Everything shown comes from plain functions in data/, models/ and explain/; this module only
 caches them (``st.cache_resource`` / ``st.cache_data``) and lays things out.
+
+Text from a user or a link (deep-link values, file names and paths, prompts, model, collection
+and class names, reviewer comments, messages that embed them) goes through :func:`md_text`
+wherever Streamlit renders Markdown (st.error / warning / info / success, captions, markdown,
+headers, image captions, metric labels, spinners, help tooltips).
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from dataclasses import dataclass
 
@@ -23,6 +29,36 @@ from models.handle import LensModel, open_model
 from models.zoo import CLASSIFIER_KINDS, default_model_name, list_models, model_names
 
 MODEL_KEY = "model_name"
+
+#: Every ASCII punctuation character: CommonMark lets a backslash escape each of them, and
+#: Markdown, GFM, math or Streamlit's ``:directives:`` and ``:material/icons:`` give most a meaning.
+_MD_SPECIAL = re.compile(r"([!-/:-@\[-`{-~])")
+#: Where GFM would turn bare text into a link (``https://``, ``www.``, ``name@host``).
+_AUTOLINK = re.compile(r"(?<=:)(?=//)|(?i:(?<=www)(?=\.))|(?<=@)")
+WORD_JOINER = "\u2060"  # invisible, zero-width
+
+
+def md_text(value: object, code: bool = False) -> str:
+    """``value`` as Markdown that Streamlit shows as exactly that text: never a link, image,
+    emphasis, heading, list, HTML, math, colour or icon. For text from a user or a link inside
+    any Markdown-rendering call (st.error, st.caption, st.markdown, headers, image captions...).
+
+    Each ASCII punctuation character is backslash-escaped and line breaks are kept. GFM also makes links
+    of bare URLs and e-mail addresses after escaping, so an invisible word joiner (U+2060) goes
+    after the ``:`` of ``://``, after ``www`` before ``.`` and after ``@``. ``code=True`` gives
+    an inline code span instead, whose content Markdown shows as is (a fence longer than any
+    run of backticks in ``value``; line breaks become spaces), for paths and links."""
+    text = str(value)
+    if code:
+        if not text:
+            return ""
+        # a blank line would end the span; Streamlit reads ":material/" even in code
+        text = re.sub(r"\s", " ", text).replace(":material/", ":" + WORD_JOINER + "material/")
+        fence = "`" * (max((len(r) for r in re.findall("`+", text)), default=0) + 1)
+        pad = " " if text.startswith("`") or text.endswith("`") or (text.startswith(" ") and text.endswith(" ")) else ""
+        return f"{fence}{pad}{text}{pad}{fence}"
+    text = _MD_SPECIAL.sub(r"\\\1", _AUTOLINK.sub(WORD_JOINER, text))
+    return re.sub(r"\r\n?|\n", "  \n", text)
 
 
 def _use_app_navigation() -> None:
@@ -170,10 +206,10 @@ def current_model() -> LensModel | None:
         st.info("No model in the zoo yet. Train one: `python -m models.train --arch bacnn --dataset ndsb`.")
         return None
     try:
-        with st.spinner(f"Loading {name}…"):
+        with st.spinner(f"Loading {md_text(name)}…"):
             return open_model(name)
     except CheckpointError as e:
-        st.error(f"Model {name!r} could not be loaded: {e}")
+        st.error(md_text(f"Model {name!r} could not be loaded: {e}"))
         return None
 
 
@@ -208,19 +244,19 @@ def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 
     ``preprocessing`` keeps it, :func:`data.decode.keeps_colour`), or show why it cannot be (None)."""
     sources = get_sources()
     if dataset not in sources:
-        st.error(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'}).")
+        st.error(md_text(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'})."))
         return None
     man = get_manifest(dataset)
     row = man.loc[man["relpath"] == relpath]
     if row.empty:
-        st.error(f"There is no image {relpath!r} in the {dataset} dataset.")
+        st.error(md_text(f"There is no image {relpath!r} in the {dataset} dataset."))
         return None
     src = sources[dataset]
     try:
         fg, dec, _ = load_for_model(read_image_bytes(dataset, relpath), int(size), mode=src.mode, background=src.background,
                                     colour=keeps_colour(preprocessing or {}, src.mode))
     except (ImageDecodeError, FileNotFoundError) as e:
-        st.error(f"{relpath}: {getattr(e, 'message', e)}")
+        st.error(md_text(f"{relpath}: {getattr(e, 'message', e)}"))
         return None
     disp = fit_square(dec.image, display_px, src.background).convert("RGB")
     cls = str(row.iloc[0]["class"])
@@ -375,7 +411,7 @@ def safe_source(name: str) -> Source | None:
     try:
         return get_source(name)
     except DatasetNotFound as e:
-        st.warning(str(e))
+        st.warning(md_text(e))
         return None
 
 
@@ -399,6 +435,22 @@ def warm_caches() -> None:
     colorize(np.zeros((2, 2), np.float32), signed=True)
     for ds in get_sources():
         get_manifest(ds)
+    score_default_at_start(name)
+
+
+def score_default_at_start(name: str | None) -> None:
+    """Start scoring the default model's own dataset in the background (once: the table is then
+    on disk), so Anomalies, Neighbourhoods and Review open on it without waiting. Off with
+    ``PLANKTON_LENS_SCORE_AT_START=0``."""
+    import os
+
+    if os.environ.get("PLANKTON_LENS_SCORE_AT_START", "1") == "0" or name is None:
+        return
+    lm = open_model(name)
+    if lm.kind != "clip" and lm.dataset and lm.dataset in get_sources():
+        from explain.score import start
+
+        start(name, lm.dataset)
 
 
 # --- shared by Neighbourhoods, Review and Anomalies -------------------------------------------------
@@ -423,15 +475,29 @@ def thumbnail(dataset: str, relpath: str, px: int = 96):
 
 def model_dataset_problem(lm: LensModel, purpose: str) -> str | None:
     """Why a page that works on the images a model was trained on cannot run for ``lm`` (its
-    dataset is unknown or not here), or None."""
+    dataset is unknown or not here), as Markdown, or None."""
     dataset = lm.manifest.get("dataset", "ndsb")
     if dataset is None:
-        return (f"{lm.name} does not name the dataset it was trained on, so there is nothing to {purpose} yet: "
+        return (f"{md_text(lm.name)} does not name the dataset it was trained on, so there is nothing to {purpose} yet: "
                 "register it with --dataset ndsb or zoolake when its classes are theirs. Classify & explain works "
                 "on any collection.")
     if dataset not in get_sources():
-        return f"The {dataset} dataset this model was trained on was not found, so there is nothing to {purpose}."
+        return f"The {md_text(dataset)} dataset this model was trained on was not found, so there is nothing to {purpose}."
     return None
+
+
+# --- the page shell -------------------------------------------------------------------------------
+def run_page(main, page: str, reassurance: str = "The rest of the app still works.") -> None:
+    """Run a page's ``main()`` inside the one error boundary every page has: an unexpected error is
+    logged with its traceback and shown as one message (never a traceback), with ``reassurance``
+    (what the user has not lost). Streamlit's own control flow (st.stop, st.rerun) passes through."""
+    import logging
+
+    try:
+        main()
+    except Exception as e:  # noqa: BLE001 - Streamlit's control flow is BaseException, not Exception
+        logging.getLogger(f"plankton_lens.{page}").exception("%s page failed", page)
+        st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). {reassurance}")
 
 
 # --- the scored table of the sidebar's collection (Anomalies, Neighbourhoods, Review) --------------
@@ -488,7 +554,7 @@ def _scoring_progress(model: str, collection: str) -> None:
     if s["state"] == "done":
         st.rerun()
     if s["state"] != "running":
-        st.warning(f"Scoring {collection!r} stopped before it finished ({s['state']}). Open the page again to resume.")
+        st.warning(f"Scoring {md_text(collection)} stopped before it finished ({s['state']}). Open the page again to resume.")
         return
     total = max(int(s.get("total") or 0), 1)
     done = int(s.get("done") or 0)
@@ -498,7 +564,7 @@ def _scoring_progress(model: str, collection: str) -> None:
     else:
         rate = s.get("images_per_s") or 0
         left = (total - done) / rate if rate else None
-        text = (f"Scoring {collection}: {done:,} / {total:,} images" + (f" · {rate:,.0f} images/s" if rate else "")
+        text = (f"Scoring {md_text(collection)}: {done:,} / {total:,} images" + (f" · {rate:,.0f} images/s" if rate else "")
                 + (f" · about {left / 60:.0f} min left" if left and left > 90 else ""))
     st.progress(min(done / total, 1.0), text=text)
 
@@ -514,27 +580,23 @@ def scored_collection(title: str, intro: str) -> ScoredView | None:
     lm = current_model()
     if lm is None:
         return None
-    if lm.kind == "clip":
-        st.info(f"{lm.name} is a CLIP model: pick a classifier in the sidebar for this page (CLIP models are "
-                "explained on the CLIP page).")
-        return None
     collection = current_collection()
     if collection is None:
         dataset_missing_message()
         return None
     s = scored_status(lm.name, collection)
     if s["state"] == "error":
-        st.error(f"{collection} cannot be scored with {lm.name}: {s['message']}")
+        st.error(f"{md_text(collection)} cannot be scored with {md_text(lm.name)}: {md_text(s['message'])}")
         return None
     if s["state"] == "failed":
-        st.error(f"The last scoring run of {collection} with {lm.name} stopped before it finished.")
+        st.error(f"The last scoring run of {md_text(collection)} with {md_text(lm.name)} stopped before it finished.")
         if s.get("log"):
             st.code(s["log"][-1500:], language=None)
         if not st.button("Resume scoring", icon=":material/play_arrow:", key="score_resume"):
             return None
     if s["state"] != "done":
         start(lm.name, collection)
-        st.info(f"{collection} has not been scored with {lm.name} yet: scoring runs in the background (once; every "
+        st.info(f"{md_text(collection)} has not been scored with {md_text(lm.name)} yet: scoring runs in the background (once; every "
                 "page then reads the table). This page fills in when it is done.", icon=":material/hourglass_top:")
         _scoring_progress(lm.name, collection)
         return None
@@ -545,7 +607,7 @@ def scored_collection(title: str, intro: str) -> ScoredView | None:
     if scored is None:  # pragma: no cover - removed between status and read
         scored = read(folder)
     m = scored.meta
-    st.caption(f"**{collection}**: {m['rows']:,} images scored by **{lm.name}** "
+    st.caption(f"**{md_text(collection)}**: {m['rows']:,} images scored by **{md_text(lm.name)}** "
                f"({m['engine']} engine, {m['images_per_s']:,.0f} images/s). Thresholds keep {m['keep']:.0%} of the "
                "model's own validation images.")
     return ScoredView(lm, collection, scored)
@@ -560,4 +622,4 @@ def sidebar_scoring_status() -> None:
     s = scored_status(model, collection)
     if s["state"] == "running":
         pct = int(100 * (s.get("done") or 0) / max(int(s.get("total") or 1), 1))
-        st.sidebar.caption(f":material/hourglass_top: Scoring {collection} with {model}: {pct} %")
+        st.sidebar.caption(f":material/hourglass_top: Scoring {md_text(collection)} with {md_text(model)}: {pct} %")

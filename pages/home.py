@@ -6,37 +6,9 @@ import plotly.express as px
 import streamlit as st
 
 from data.info import dataset_info, sunburst_frame
-from pages.common import dataset_missing_message, get_sources, zoo_table
+from pages.common import dataset_missing_message, get_sources, md_text, run_page, zoo_table
 
 MAX_UPLOAD_MB = 200  # Streamlit's own upload limit (server.maxUploadSize)
-
-st.title("Plankton Lens")
-st.markdown(
-    "Plankton Lens shows marine biologists **why** a deep model classified a plankton image: the "
-    "prediction of a hierarchical classifier at every taxonomic level (living / non-living → group → "
-    "subgroup → class) with saliency maps, the images it flags as **out of distribution** from the "
-    "flatness of its logits and where they sit among known images, and **CLIP-style** text "
-    "explanations. It runs on real images (NDSB 2015 / PlanktonSet 1.0, ZooLake) with models trained "
-    "by the project's own code."
-)
-
-st.subheader("Models")
-table = zoo_table()
-models = [m for m in table if "error" not in m]
-if models:
-    rows = []
-    for m in models:
-        met = m["metrics"]
-        rows.append({"model": m["name"], "architecture": m["arch"], "dataset": m["dataset"],
-                     "held-out classes": len(m.get("heldout") or []),
-                     **{k.replace("_accuracy", " acc."): v for k, v in met.items() if k.endswith("_accuracy")},
-                     "leaf log loss": met.get("leaf_log_loss"), "parameters (M)": round((m["parameters"] or 0) / 1e6, 2)})
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-else:
-    st.info("No trained model found in models/zoo.")
-for m in table:
-    if "error" in m:
-        st.warning(f"Model entry {m['name']!r} cannot be used: {m['error']}", icon=":material/error:")
 
 
 def _add_model_form() -> None:
@@ -65,9 +37,9 @@ def _add_model_form() -> None:
             man = add_model(src, name.strip(), arch=arch.strip() or None, classes=cls, dataset=dataset or None,
                             size=int(size), command=f"python -m models add {src} --name {name.strip()}")
         except (PathNotAllowed, ModelImportError) as e:
-            st.error(str(e))
+            st.error(md_text(e))
         else:
-            st.success(f"Added {man['name']}: it is in the model picker of every page.")
+            st.success(f"Added {md_text(man['name'])}: it is in the model picker of every page.")
 
 
 _add_model_form()
@@ -110,9 +82,9 @@ def _collections_section() -> None:
             else:
                 e = add_collection(name.strip(), under_allowed_root(path))
         except (CollectionError, PathNotAllowed) as err:
-            st.error(str(err))
+            st.error(md_text(err))
         else:
-            st.success(f"Added the collection {name.strip()}: {e['kind']}, {e['images']:,} images. Pick it in "
+            st.success(f"Added the collection {md_text(name.strip())}: {md_text(e['kind'])}, {e['images']:,} images. Pick it in "
                        "the Classify & explain gallery.")
     entries = user_collections()
     if entries:
@@ -125,38 +97,73 @@ def _collections_section() -> None:
             st.rerun()
 
 
-st.subheader("Datasets")
-sources = get_sources()
-if not sources:
-    dataset_missing_message()
-else:
-    if any(src.sample for src in sources.values()):
-        st.info("No dataset was found, so the pages show the **NDSB sample shipped with the project** (10 real images "
-                "per class, data/sample). For the full NDSB and ZooLake sets, see the README's *Where the data is "
-                "looked for*.", icon=":material/info:")
-    cols = st.columns(len(sources))
-    for col, (name, src) in zip(cols, sources.items()):
-        info = dataset_info(src)
-        col.metric(name, f"{info['images']:,} images", f"{info['classes']} classes", delta_color="off")
-        col.caption(f"{info['format']}: `{info['path']}` · splits " + ", ".join(f"{k} {v:,}" for k, v in info["splits"].items()))
-    if "ndsb" in sources:
-        st.subheader("NDSB taxonomy")
-        frame = sunburst_frame(sources["ndsb"])
-        fig = px.sunburst(frame, path=["living", "group", "subgroup", "class"], values="images",
-                          color="living", color_discrete_map={"living": "#0072B2", "non-living": "#E69F00", "unknown": "#999999"})
-        fig.update_layout(height=620, margin=dict(t=10, l=10, r=10, b=10))
-        st.plotly_chart(fig, width="stretch")
 
-st.subheader("Your collections")
-_collections_section()
+def main() -> None:
+    """The Home page: the zoo, the datasets, your collections and the pages."""
+    st.title("Plankton Lens")
+    st.markdown(
+        "Plankton Lens shows marine biologists **why** a deep model classified a plankton image: the "
+        "prediction of a hierarchical classifier at every taxonomic level (living / non-living → group → "
+        "subgroup → class) with saliency maps, the images it flags as **out of distribution** from the "
+        "flatness of its logits and where they sit among known images, and **CLIP-style** text "
+        "explanations. It runs on real images (NDSB 2015 / PlanktonSet 1.0, ZooLake) with models trained "
+        "by the project's own code."
+    )
 
-st.subheader("Pages")
-for f, title in [("pages/classify.py", "Classify & explain — per-level predictions and saliency maps"),
-                 ("pages/anomalies.py", "Anomalies — out-of-distribution images by logit flatness"),
-                 ("pages/neighbourhoods.py", "Neighbourhoods — UMAP map and nearest known images"),
-                 ("pages/review.py", "Review — record decisions on flagged images"),
-                 ("pages/clip.py", "CLIP explanations — text prompts that match an image")]:
-    try:
-        st.page_link(f, label=title)
-    except Exception:  # noqa: BLE001 - page not built yet
-        pass
+    st.subheader("Models")
+    table = zoo_table()
+    models = [m for m in table if "error" not in m]
+    if models:
+        rows = []
+        for m in models:
+            met = m["metrics"]
+            rows.append({"model": m["name"], "architecture": m["arch"], "dataset": m["dataset"],
+                         "held-out classes": len(m.get("heldout") or []),
+                         **{k.replace("_accuracy", " acc."): v for k, v in met.items() if k.endswith("_accuracy")},
+                         "leaf log loss": met.get("leaf_log_loss"), "parameters (M)": round((m["parameters"] or 0) / 1e6, 2)})
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    else:
+        st.info("No trained model found in models/zoo.")
+    for m in table:
+        if "error" in m:
+            st.warning(md_text(f"Model entry {m['name']!r} cannot be used: {m['error']}"), icon=":material/error:")
+
+    st.subheader("Datasets")
+    sources = get_sources()
+    if not sources:
+        dataset_missing_message()
+    else:
+        if any(src.sample for src in sources.values()):
+            st.info("No dataset was found, so the pages show the **NDSB sample shipped with the project** (10 real images "
+                    "per class, data/sample). For the full NDSB and ZooLake sets, see the README's *Where the data is "
+                    "looked for*.", icon=":material/info:")
+        cols = st.columns(len(sources))
+        for col, (name, src) in zip(cols, sources.items()):
+            info = dataset_info(src)
+            col.metric(md_text(name), f"{info['images']:,} images", f"{info['classes']} classes", delta_color="off")
+            col.caption(f"{info['format']}: {md_text(info['path'], code=True)} · splits "
+                        + ", ".join(f"{md_text(k)} {v:,}" for k, v in info["splits"].items()))
+        if "ndsb" in sources:
+            st.subheader("NDSB taxonomy")
+            frame = sunburst_frame(sources["ndsb"])
+            fig = px.sunburst(frame, path=["living", "group", "subgroup", "class"], values="images",
+                              color="living", color_discrete_map={"living": "#0072B2", "non-living": "#E69F00", "unknown": "#999999"})
+            fig.update_layout(height=620, margin=dict(t=10, l=10, r=10, b=10))
+            st.plotly_chart(fig, width="stretch")
+
+    st.subheader("Your collections")
+    _collections_section()
+
+    st.subheader("Pages")
+    for f, title in [("pages/classify.py", "Classify & explain — per-level predictions and saliency maps"),
+                     ("pages/anomalies.py", "Anomalies — out-of-distribution images by logit flatness"),
+                     ("pages/neighbourhoods.py", "Neighbourhoods — UMAP map and nearest known images"),
+                     ("pages/review.py", "Review — record decisions on flagged images"),
+                     ("pages/clip.py", "CLIP explanations — text prompts that match an image")]:
+        try:
+            st.page_link(f, label=title)
+        except Exception:  # noqa: BLE001 - page not built yet
+            pass
+
+
+run_page(main, "home")

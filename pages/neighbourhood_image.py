@@ -1,10 +1,9 @@
 """The selected image on the Neighbourhoods page: its scores against the model's thresholds and its
 nearest known images (the model's training images); an upload embedded by the model and placed on
-the collection's map. Text from users (paths, file names, class names) is shown with :func:`lit`.
+the collection's map. Text from users (paths, file names, class names) is shown with :func:`pages.common.md_text`.
 """
 from __future__ import annotations
 
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -17,21 +16,12 @@ from explain.embeddings import compute_embeddings
 from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
 from explain.projection import TableMap, approximate_place, place, sample_index, warm_up
 from explain.score import gallery_ids
-from pages.common import (COMPUTE_LOCK, ScoredView, collection_annotation, get_sources, model_dataset_problem, score_label,
-                          thumbnail)
+from pages.common import (COMPUTE_LOCK, ScoredView, collection_annotation, get_sources, md_text, model_dataset_problem,
+                          score_label, thumbnail)
 
 SEL_KEY = "nb_selected"  # ("image", collection, relpath) or ("upload", file name)
 THUMB = 96
 EXACT, APPROX = "UMAP transform", "nearest collection images"
-
-
-def lit(text: object) -> str:
-    """User text (a path, a link value, a file name, a class name) as an inline code span, which
-    Markdown shows verbatim."""
-    s = str(text).replace("\r", " ").replace("\n", " ") or " "
-    fence = "`" * (max((len(r) for r in re.findall(r"`+", s)), default=0) + 1)
-    pad = " " if s.startswith("`") or s.endswith("`") else ""
-    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -90,7 +80,7 @@ def threshold(view: ScoredView, col: str, keep: float) -> tuple[float, str]:
                 f"keeps {keep:g} % of the model's validation images")
     v = view.table[col].to_numpy(np.float64)
     return (float(np.nanquantile(v, keep / 100, method="higher")) if np.isfinite(v).any() else float("inf"),
-            f"keeps {keep:g} % of {view.collection}'s own images (the model has no validation images)")
+            f"keeps {keep:g} % of {md_text(view.collection)}'s own images (the model has no validation images)")
 
 
 def neighbour_panel(g: Gallery, emb: np.ndarray, k: int, exclude: int | None, truth: dict | None,
@@ -117,7 +107,7 @@ def neighbour_panel(g: Gallery, emb: np.ndarray, k: int, exclude: int | None, tr
             with col:
                 if im is not None:
                     st.image(im, width=THUMB)
-                st.caption(f"{lit(r[g.levels[-1]])}  \nd = {r['distance']:.3f}")
+                st.caption(f"{md_text(r[g.levels[-1]])}  \nd = {r['distance']:.3f}")
                 st.page_link("pages/classify.py", label="explain", icon=":material/biotech:",
                              query_params={"image": f"{r['dataset']}:{r['relpath']}"})
 
@@ -162,13 +152,14 @@ def image_panel(view: ScoredView, g: Gallery | None, r: int, k: int, keep: float
         has_label = row["class"] != UNLABELLED
         note = None if has_label else collection_annotation(row["dataset"], row["relpath"])
         where = f"{view.collection}:{row['relpath']}"
-        st.markdown(f"{lit(where)}  \n"
-                    + (f"label {lit(row['class'])}" if has_label else "no validated label" + (f" · {lit(note)}" if note else ""))
+        st.markdown(f"{md_text(where, code=True)}  \n"
+                    + (f"label **{md_text(row['class'])}**" if has_label else
+                       "no validated label" + (f" · {md_text(note)}" if note else ""))
                     + f"  \n{row['split']} split")
         if not row["readable"]:
             st.warning("This file could not be read as an image, so it has no scores.")
             return
-        st.caption(f"Model predicts {lit(row[f'pred_{leaf}'])} ({row[f'pred_conf_{leaf}']:.0%})")
+        st.caption(f"Model predicts **{md_text(row[f'pred_{leaf}'])}** ({row[f'pred_conf_{leaf}']:.0%})")
         if np.isfinite(row.get("knn_score", np.nan)):
             knn_line(view, float(row["knn_score"]), keep)
         st.page_link("pages/classify.py", label="Explain this image", icon=":material/biotech:",
@@ -231,19 +222,19 @@ def upload_panel(view: ScoredView, g: Gallery | None, m: TableMap | None, name: 
     if up is None:
         return
     if "error" in up:
-        st.error(f"{lit(name)}: {up['error']}")
+        st.error(md_text(f"{name}: {up['error']}"))
         return
     left, right = st.columns([1, 3])
     with left:
         st.image(up["display"], width=160)
-        st.markdown(f"Uploaded: {lit(name)}")
+        st.markdown(f"Uploaded: {md_text(name, code=True)}")
         if g is not None:
             knn_line(view, float(knn_score(g.index, up["emb"][None], KNN_K)[0]), keep)
         if up["how"] == EXACT:
             st.caption("Placed on the map with UMAP `transform` (the yellow star).")
         elif up["how"] == APPROX:
             st.caption(f"Placed on the map approximately (the yellow star): at the weighted mean position of its "
-                       f"nearest images of {view.collection}. The exact UMAP `transform` placement replaces it as soon "
+                       f"nearest images of {md_text(view.collection)}. The exact UMAP `transform` placement replaces it as soon "
                        "as UMAP is ready (its first use compiles code, once per server start).")
             await_exact_placement(str(m.reducer_path), m.reducer_path.stat().st_mtime_ns)
     with right:
@@ -265,13 +256,14 @@ def selected_panel(view: ScoredView, g: Gallery | None, m: TableMap | None, keep
         return
     _, ds, rel = sel
     if ds != view.collection:
-        st.warning(f"{lit(f'{ds}:{rel}')} is an image of {lit(ds)}, not of {lit(view.collection)}: choose "
-                   f"{lit(ds)} under Images in the sidebar." if ds in get_sources() else
-                   f"There is no collection {lit(ds)} here (known: {', '.join(lit(n) for n in get_sources())}).")
+        link = md_text(f"{ds}:{rel}", code=True)
+        st.warning(f"{link} is an image of {md_text(ds)}, not of {md_text(view.collection)}: choose {md_text(ds)} under "
+                   "Images in the sidebar." if ds in get_sources() else
+                   f"{link}: there is no collection {md_text(ds)} here (known: {md_text(', '.join(get_sources()))}).")
         return
     stamp = (view.scored.folder / "meta.json").stat().st_mtime_ns
     pos = rows_by_path(str(view.scored.folder), stamp, view.table).get_indexer([rel])[0]
     if pos < 0:
-        st.warning(f"There is no image {lit(rel)} in {lit(view.collection)}.")
+        st.warning(f"There is no image {md_text(f'{ds}:{rel}', code=True)} in {md_text(view.collection)}.")
         return
     image_panel(view, g, int(view.table.index[pos]), k, keep)

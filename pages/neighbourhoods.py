@@ -22,11 +22,10 @@ from explain import map_plot
 from explain.map_plot import Mark, map_figure, region_from_selection, view_range
 from explain.projection import MAP_MIN, TableMap, mappable, read_map, table_map
 from explain.score import reference_limit
-from pages.common import ScoredView, current_collection, gallery, get_sources, score_label, scored_collection
-from pages.neighbourhood_image import (EXACT, SEL_KEY, labelled, lit, reducer, rows_by_path, score_columns,
+from pages.common import (ScoredView, current_collection, gallery, get_sources, md_text, run_page, score_label,
+                          scored_collection)
+from pages.neighbourhood_image import (EXACT, SEL_KEY, labelled, reducer, rows_by_path, score_columns,
                                        selected_panel, threshold, upload)
-
-log = logging.getLogger("plankton_lens.neighbourhoods")
 
 LINK_KEY = "nb_last_link"
 REGION_KEY = "nb_region"  # (model key, collection, region) of the zoomed density map
@@ -83,7 +82,7 @@ def _map(view: ScoredView) -> TableMap | None:
     scored = view.scored
     n = len(mappable(scored))
     if n < MAP_MIN:
-        st.info(f"{view.collection} has {n} readable image{'s' if n != 1 else ''}: too few for a map (it needs "
+        st.info(f"{md_text(view.collection)} has {n} readable image{'s' if n != 1 else ''}: too few for a map (it needs "
                 f"{MAP_MIN}). Its images still show their scores and nearest known images: give a path below.",
                 icon=":material/scatter_plot:")
         return None
@@ -98,13 +97,14 @@ def _map(view: ScoredView) -> TableMap | None:
             time.sleep(0.2)
         bar.empty()
     if not b.future.done():
-        st.info(f"The map of {view.collection} is being built (once; then it opens at once).", icon=":material/hourglass_top:")
+        st.info(f"The map of {md_text(view.collection)} is being built (once; then it opens at once).",
+                icon=":material/hourglass_top:")
         _follow_build(folder, stamp, scored)
         return None
     err = b.future.exception()
     if err is not None:
-        log.error("map of %s failed", folder, exc_info=err)
-        st.error(f"The map of {view.collection} could not be built ({type(err).__name__}: {err}).")
+        logging.getLogger("plankton_lens.neighbourhoods").error("map of %s failed", folder, exc_info=err)
+        st.error(f"The map of {md_text(view.collection)} could not be built ({type(err).__name__}: {md_text(err)}).")
         if st.button("Try again", key="nb_map_retry"):
             _map_build.clear()
             st.rerun()
@@ -169,7 +169,7 @@ def _take_link() -> str | None:
     st.session_state[LINK_KEY] = link
     parsed = parse_link(link)
     if parsed is None:
-        return f"The link {lit('?image=' + link)} is not of the form `?image=<collection>:<relative path>`."
+        return f"The link {md_text('?image=' + link, code=True)} is not of the form `?image=<collection>:<relative path>`."
     st.session_state[SEL_KEY] = ("image", *parsed)
     if parsed[0] != current_collection() and parsed[0] in get_sources() and st.query_params.get("collection") != parsed[0]:
         st.query_params["collection"] = parsed[0]  # the sidebar's picker takes it on the rerun
@@ -184,7 +184,8 @@ def _take_path(view: ScoredView, path: str) -> None:
     parsed = parse_link(path)
     if parsed is None:
         example = f"{view.collection}:{view.table['relpath'].iloc[0]}" if len(view.table) else f"{view.collection}:a.jpg"
-        st.error(f"Write the image as `<collection>:<relative path>`, e.g. {lit(example)} (not {lit(path)}).")
+        st.error(f"Write the image as `<collection>:<relative path>`, e.g. {md_text(example, code=True)} "
+                 f"(not {md_text(path, code=True)}).")
     else:
         st.session_state[SEL_KEY] = ("image", *parsed)
 
@@ -312,7 +313,7 @@ def _draw(view: ScoredView, m: TableMap, p, colour: tuple[str, str], option: str
         st.plotly_chart(mf.figure, key=f"nb_map_{kind}", on_select="rerun", selection_mode=("points", "box", "lasso"),
                         config={"scrollZoom": True, "displaylogo": False})
         placed = f", {m.placed:,} placed with its `transform`" if m.placed > 0 else ""
-        st.caption(f"{len(pts):,} images of {view.collection}: UMAP fitted on {len(m.fitted):,}{placed}. {note}")
+        st.caption(f"{len(pts):,} images of {md_text(view.collection)}: UMAP fitted on {len(m.fitted):,}{placed}. {note}")
         if mf.kind == "density":
             st.caption(f"More than the {map_plot.SCATTER_MAX:,} points a browser draws smoothly, so the map is a density image"
                        + (f" (colour: the mean {option} per cell)" if colour[0] == "num" else "")
@@ -326,8 +327,4 @@ def _draw(view: ScoredView, m: TableMap, p, colour: tuple[str, str], option: str
     return ids
 
 
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
-    log.exception("neighbourhoods page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {e}). The rest of the app still works.")
+run_page(main, "neighbourhoods")

@@ -16,12 +16,14 @@ import streamlit as st
 from explain.neighbours import KNN_K, Gallery, neighbour_table
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import (ScoredView, collection_annotation, gallery, get_source, score_label, scored_collection,
-                          thumbnail)
+from pages.common import (ScoredView, collection_annotation, gallery, get_source, md_text, run_page, score_label,
+                          scored_collection, thumbnail)
 
 log = logging.getLogger("plankton_lens.review")
 
 POS_KEY = "rv_pos"
+
+
 def _taxonomy_options(view: ScoredView) -> list[tuple[str, str]]:
     """(level, name) for every node of the model's taxonomy and the collection's own, leaf level first."""
     model = view.lm.classifier
@@ -85,8 +87,8 @@ def _queue(view: ScoredView, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
 def _label_line(row: pd.Series) -> str:
     if row["class"] == "unlabelled":
         note = collection_annotation(row["dataset"], row["relpath"])
-        return "no validated label" + (f" · {note}" if note else "")
-    return f"label **{row['class']}**" + (" (held-out class, unknown to the model)" if row["heldout"] else
+        return "no validated label" + (f" · {md_text(note)}" if note else "")
+    return f"label **{md_text(row['class'])}**" + (" (held-out class, unknown to the model)" if row["heldout"] else
                                           " (a class the model does not know)" if row["unknown_class"] else "")
 
 
@@ -98,12 +100,12 @@ def _item(row: pd.Series, g: Gallery | None, levels: tuple[str, ...], emb: np.nd
         im = thumbnail(row["dataset"], row["relpath"], 192)
         if im is not None:
             st.image(im, width=192)
-        st.caption(f"`{row['dataset']}:{row['relpath']}` ({row['split']} split)  \n{_label_line(row)}")
+        st.caption(f"{md_text(row['dataset'] + ':' + row['relpath'], code=True)} ({row['split']} split)  \n{_label_line(row)}")
         link = {"image": f"{row['dataset']}:{row['relpath']}"}
         st.page_link("pages/classify.py", label="Explain this image", icon=":material/biotech:", query_params=link)
         st.page_link("pages/neighbourhoods.py", label="Show on the map", icon=":material/scatter_plot:", query_params=link)
     with right:
-        st.warning(f"**Flagged:** {row['reason']}", icon=":material/flag:")
+        st.warning(f"**Flagged:** {md_text(row['reason'])}", icon=":material/flag:")
         voted = f"vote_{levels[-1]}" in row
         tab = pd.DataFrame({"level": list(levels),
                             "model predicts": [row[f"pred_{lvl}"] for lvl in levels],
@@ -120,7 +122,7 @@ def _item(row: pd.Series, g: Gallery | None, levels: tuple[str, ...], emb: np.nd
             th = thumbnail(r["dataset"], r["relpath"])
             if th is not None:
                 col.image(th, width=80)
-            col.caption(f"{r[levels[-1]]}  \nd = {r['distance']:.3f}")
+            col.caption(f"{md_text(r[levels[-1]])}  \nd = {r['distance']:.3f}")
 
 
 def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, opts: list[tuple[str, str]],
@@ -144,9 +146,9 @@ def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, opts: li
     try:
         rid = store.record(d)
     except ReviewError as e:
-        st.error(str(e))
+        st.error(md_text(e))
         return False
-    st.session_state["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {d.label}" if d.label else "") + f" for {d.relpath}."
+    st.session_state["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {md_text(d.label)}" if d.label else "") + f" for {md_text(d.relpath)}."
     return True
 
 
@@ -205,7 +207,7 @@ def main() -> None:
                              "EcoTaxa TSV or an EcoTaxa import bundle with the model's scores.")
     if view is None:
         return
-    model_name, dataset, levels = view.lm.name, view.collection, view.levels
+    model_name, levels = view.lm.name, view.levels
     session = st.session_state.setdefault("rv_session", uuid.uuid4().hex[:12])
     store = ReviewStore()
     st.text_input("Reviewer", key="rv_reviewer", placeholder="Your name (stored with each decision)")
@@ -245,15 +247,11 @@ def main() -> None:
     if st.button("Undo my last decision", icon=":material/undo:", key="rv_undo"):
         undone = store.undo(session=session)
         st.session_state["rv_undo_msg"] = ("Nothing to undo in this session." if undone is None else
-                                           f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {undone['relpath']}).")
+                                           f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {md_text(undone['relpath'])}).")
         st.rerun()
     st.divider()
     _decisions_panel(store)
     _bundle_panel(view)
 
 
-try:
-    main()
-except Exception as e:  # noqa: BLE001 - never a traceback in the UI; Streamlit's control flow is BaseException
-    log.exception("review page failed")
-    st.error(f"Something went wrong on this page ({type(e).__name__}: {e}). Your recorded decisions are safe.")
+run_page(main, "review", "Your recorded decisions are safe.")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ os.environ.setdefault("PLANKTON_DATASETS", str(REPO.parent / "shared" / "dataset
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #: Scoring reads a model against 10 images per class and split of its dataset (not all 30,000).
 os.environ.setdefault("PLANKTON_LENS_REFERENCE_LIMIT", "10")
+#: The test servers do not score the default model's dataset at start (tests score small collections).
+os.environ.setdefault("PLANKTON_LENS_SCORE_AT_START", "0")
 os.environ.setdefault("PLANKTON_LENS_DATA", str(Path(os.environ.get("TMPDIR", "/tmp")) / f"plankton-lens-test-data-{os.getpid()}"))
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -210,3 +213,22 @@ def scored_sample() -> str:
         add_collection("sample", dst)
     run(default_model_name(), "sample")
     return "sample"
+
+
+_CODE_SPAN = re.compile(r"(?<![\\`])(`+)(.+?)(?<!`)\1(?!`)")
+
+
+def shown(md: str) -> str:
+    """The text a Markdown body built with ``pages.common.md_text`` shows: backslash escapes and
+    word joiners removed, hard line breaks as newlines, code spans as they are."""
+    def plain(t: str) -> str:
+        return re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", t.replace("  \n", "\n"))
+
+    out, pos = [], 0
+    for m in _CODE_SPAN.finditer(md):
+        code = m.group(2)
+        if code.startswith(" ") and code.endswith(" ") and code.strip():
+            code = code[1:-1]
+        out += [plain(md[pos:m.start()]), code]
+        pos = m.end()
+    return "".join([*out, plain(md[pos:])]).replace("\u2060", "")

@@ -13,6 +13,7 @@ import pytest
 
 from data.archive import ArchiveLimits, CollectionError
 from data.collections_io import detect_collection, open_collection
+from tests.conftest import requires_zoolake
 from data.decode import decode_image
 from data.ecotaxa import parse_coordinate, parse_timestamp
 from data.folders import UNLABELLED, parse_spc_name, spc_acquisition_time
@@ -360,3 +361,14 @@ def test_bad_paths(tmp_path):
     (tmp_path / "broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(CollectionError):
         open_collection(tmp_path / "broken.zip")
+
+
+@requires_zoolake
+def test_zoolake_dataset_carries_acquisition_times_from_its_file_names():
+    """The known ZooLake dataset's metadata: every image's UTC acquisition time, from its SPC name."""
+    from data.sources import open_source
+
+    m = open_source("zoolake").metadata()
+    assert len(m) > 10_000 and m["timestamp"].notna().all()
+    assert str(m["timestamp"].dt.tz) == "UTC" and m["timestamp"].min().year >= 2018
+    assert (m["status"] == "validated").all() and (m["instrument"] == "SPC").all()

@@ -113,7 +113,7 @@ def test_home_page_adds_collections_and_classify_shows_an_unlabelled_image(user_
 @needs_ecotaxa
 def test_collections_added_in_a_browser(user_data, tmp_path, page):
     """A path and an uploaded zip added on the Home page of a live server; the Classify page
-    explains an unlabelled image of the zip."""
+    explains an unlabelled image of the zip, and the Review page reviews the zip's images."""
     zipped = _unlabelled_zip(tmp_path / "cruise42.zip")
     env = {"PLANKTON_LENS_DATA": os.environ["PLANKTON_LENS_DATA"], "PLANKTON_LENS_ROOTS": str(ECOTAXA)}
     with run_streamlit_server("streamlit-collections.log", env=env, script="app.py") as url:
@@ -152,6 +152,13 @@ def test_collections_added_in_a_browser(user_data, tmp_path, page):
             "Image source error" in e and "/media/" in e or e.startswith("Failed to load resource") and "404" in e)]
         assert_no_streamlit_errors(page)
         page.screenshot(path=str(ARTIFACTS / "classify_user_collection.png"), full_page=True)
+        # The Review page on the same collection: scored in the background, then its queue.
+        page.locator("[data-testid='stSidebar']").get_by_role("link", name="Review").click()
+        page.get_by_text("images to review").wait_for(timeout=600_000)
+        wait_for_app(page, 300_000)
+        assert page.get_by_text("6 images scored by", exact=False).first.is_visible()
+        assert_no_streamlit_errors(page)
+        page.screenshot(path=str(ARTIFACTS / "review_user_collection.png"), full_page=True)
 
 
 def test_allowed_roots_refuse_dot_dot_symlinks_and_other_paths(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO, requires_data
+from tests.conftest import REPO, requires_data, shown
 
 pytestmark = requires_data
 SIZE = 64  # px: small inputs keep the suite fast; the 224 px figure is in bench/bench_foreign_model.py
@@ -166,7 +166,6 @@ def test_every_page_renders_with_the_imported_model(byo, name, tmp_path, monkeyp
     """Classify & explain (IG and GradCAM at every level), Anomalies, Neighbourhoods and Review."""
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("PLANKTON_LENS_QUICK_MAP", "2")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
     at.session_state["model_name"] = name
     at.run()
@@ -278,7 +277,8 @@ def test_a_broken_entry_is_listed_and_hides_no_model(byo, capsys):
 
         at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300).run()
         assert not at.exception
-        assert any("ndsb-bacnn" in w.value and "not valid JSON" in w.value for w in at.warning), [w.value for w in at.warning]
+        assert any("ndsb-bacnn" in shown(w.value) and "not valid JSON" in shown(w.value) for w in at.warning), \
+            [w.value for w in at.warning]
     finally:
         bad.unlink()
 
@@ -369,7 +369,7 @@ def test_home_page_form_adds_a_model_under_the_allowed_roots(byo, monkeypatch):
     at.text_input(key="add_path").set_value(str(byo["tmp"] / "hub" / "lab-mobilenet"))
     at.number_input(key="add_size").set_value(SIZE)
     _submit(at)
-    assert not at.exception and any("Added byo-form" in s.value for s in at.success), [e.value for e in at.error]
+    assert not at.exception and any("Added byo-form" in shown(s.value) for s in at.success), [e.value for e in at.error]
     assert (byo["zoo"] / "byo-form.json").exists()
     from models.importer import remove_model
 

@@ -192,3 +192,28 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser, sco
     _assert_clean(page, streamlit_server)
     ctx.close()
     print(f"browser session took {time.time() - t0:.1f} s")
+
+
+def test_an_unscored_collection_is_scored_in_the_background(cruise, tmp_path):
+    """A collection without a table: the page says so, starts scoring in a background process
+    (a progress bar), and shows the collection once the table is done."""
+    import os
+    from pathlib import Path
+
+    from data.collections import add_collection
+    from explain.score import status
+    from models.zoo import default_model_name
+    from tests.conftest import unlabelled_zip
+
+    add_collection("fresh", unlabelled_zip(Path(os.environ["PLANKTON_LENS_DATA"]) / "uploads" / "fresh.zip", 20))
+    at = _app("fresh")
+    assert not at.exception
+    assert any("has not been scored" in i.value for i in at.info)
+    assert status(default_model_name(), "fresh")["state"] in ("running", "done")
+    deadline = time.time() + 300
+    while status(default_model_name(), "fresh")["state"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    at.run()
+    _ok(at)
+    assert any(m.label.startswith("TPR") for m in at.metric)
+    assert "fresh: unlabelled" in at.multiselect(key="ood_shown").value

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
+from tests.conftest import ARTIFACTS, REPO, requires_data, shown, wait_for_app
 
 pytestmark = requires_data
 PAGE = "pages/classify.py"
@@ -39,7 +39,7 @@ def _ok(at) -> None:
 
 def _texts(at) -> str:
     parts = [m.value for m in at.markdown] + [c.value for c in at.caption] + [h.value for h in at.header]
-    return "\n".join(str(p) for p in parts)
+    return "\n".join(shown(str(p)) for p in parts)
 
 
 def _headline(at, label: str) -> str:
@@ -47,7 +47,7 @@ def _headline(at, label: str) -> str:
     caps = [c.value for c in at.caption]
     assert label in caps, caps
     md = [m.value for m in at.markdown if m.value.startswith("#### ")]
-    return md[["Predicted class", "Ground truth"].index(label)][5:]
+    return shown(md[["Predicted class", "Ground truth"].index(label)][5:])
 
 
 def _png(im: Image.Image, fmt: str = "PNG") -> bytes:
@@ -77,7 +77,7 @@ def test_gallery_pick_level_method_and_contrast(ndsb_manifest):
     _ok(at)
     link = at.query_params["image"]
     ds, rel = link.split(":", 1)
-    assert ds == "ndsb" and at.header[0].value == Path(rel).name != first
+    assert ds == "ndsb" and shown(at.header[0].value) == Path(rel).name != shown(first)
     truth = ndsb_manifest.loc[ndsb_manifest["relpath"] == rel, "class"].iloc[0]
     assert _headline(at, "Ground truth") == truth
     # top-k bars of every level in one chart; the true class is orange wherever it is shown
@@ -134,7 +134,7 @@ def test_deep_link_and_bad_links(ndsb_manifest):
     row = ndsb_manifest[ndsb_manifest["split"] == "test"].iloc[7]
     at = _app({"image": f"ndsb:{row['relpath']}"})
     _ok(at)
-    assert at.header[0].value == Path(row["relpath"]).name
+    assert shown(at.header[0].value) == Path(row["relpath"]).name
     assert _headline(at, "Ground truth") == row["class"]
 
     at = _app({"image": "ndsb:train/not_a_class/1.jpg"})
@@ -165,7 +165,7 @@ def test_uploads_good_and_bad(ndsb_bytes):
     files += [(n, b, "image/png") for n, b in bad.items()]
     at.file_uploader(key="uploads").set_value(files).run()
     _ok(at)
-    errors = "\n".join(e.value for e in at.error)
+    errors = "\n".join(shown(e.value) for e in at.error)
     for name in bad:
         assert name in errors, (name, errors)
     assert "good.jpg" not in errors and "cmyk.jpg" not in errors and "sixteen.png" not in errors

@@ -113,7 +113,7 @@ def test_deep_link_and_bad_links(clip_zoo):
     at.query_params["image"] = "ndsb:train/copepod_calanoid/100010.jpg"
     at.run()
     assert not at.exception and not at.error
-    assert "True class: **copepod_calanoid**" in _texts(at)
+    assert "True class: **copepod\\_calanoid**" in _texts(at)
     assert any(b.label == "Choose another image" for b in at.button)
     at2 = _app()
     at2.switch_page("pages/clip.py")
@@ -261,12 +261,23 @@ def test_classify_page_with_the_clip_model(clip_zoo):
     assert not at.exception and any("randomised" in df.value.columns for df in at.dataframe)
 
 
-def test_other_pages_with_the_clip_model(clip_zoo, tmp_path, monkeypatch):
-    """Anomalies, Neighbourhoods and Review on their quick samples, with the CLIP image tower's
-    embeddings (their own cache folder: the test model must not evict a real ndsb-clip's files)."""
+def test_other_pages_with_the_clip_model(clip_zoo, cruise, tmp_path, monkeypatch):
+    """Anomalies, Neighbourhoods and Review on a collection scored with the CLIP image tower (its
+    own cache folder: the test model must not evict a real ndsb-clip's files)."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from explain.score import run
+
     monkeypatch.setenv("PLANKTON_LENS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("PLANKTON_LENS_QUICK_MAP", "3")
-    at = _app_with_model("ndsb-clip")
+    assert run("ndsb-clip", cruise)["rows"] == 48
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
+    at.session_state["model_name"] = "ndsb-clip"
+    at.session_state["collection"] = cruise
+    at.run()
+    assert not at.exception, at.exception
     for page, title in (("pages/anomalies.py", "Anomalies"), ("pages/neighbourhoods.py", "Neighbourhoods"),
                         ("pages/review.py", "Review")):
         at.switch_page(page).run()

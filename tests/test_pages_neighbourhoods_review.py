@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
+from tests.conftest import shown as md_shown
 
 pytestmark = requires_data
 NB, RV = "pages/neighbourhoods.py", "pages/review.py"
@@ -233,7 +234,7 @@ def test_review_record_undo_and_restart(scored_cruise, tmp_path, monkeypatch):
     assert len(df) == 1
     r = df.iloc[0]
     assert (r["reviewer"], r["decision"], r["label"], r["label_level"], r["comment"]) == ("Ada", "assign_label", "crustaceans", "group", "antennae visible")
-    assert r["reason"] in first and r["model"] == at.session_state["model_name"]
+    assert r["reason"] in md_shown(first) and r["model"] == at.session_state["model_name"]
     # The reviewed image left the queue: another one is shown.
     shown = next(c.value for c in at.caption if c.value.startswith("`cruise:"))
     assert "no validated label" in shown

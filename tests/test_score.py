@@ -227,3 +227,19 @@ def test_background_run_reports_progress_and_finishes(collections):
         time.sleep(0.5)
     assert status(MODEL, "cruise")["state"] == "done"
     assert len(scored_table(MODEL, "cruise").table) == 48
+
+
+def test_neighbour_query_says_what_its_knn_distance_means(ndsb, ndsb_manifest):
+    """`explain.neighbours query --json` carries the threshold that keeps 95 % of the model's
+    validation images and whether the image lies above it (a bare 0.39 says nothing)."""
+    from explain.score import reference
+    from models.handle import open_model
+
+    rel = ndsb_manifest[ndsb_manifest["split"] == "test"]["relpath"].iloc[0]
+    r = subprocess.run([sys.executable, "-m", "explain.neighbours", "query", "--model", MODEL, "--image", f"ndsb:{rel}",
+                        "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    thr = reference(open_model(MODEL)).thresholds["knn_score"]
+    assert out["knn_threshold"] == pytest.approx(thr, abs=1e-5)
+    assert out["knn_flagged"] == (out["knn_score"] > out["knn_threshold"]) and "95%" in out["knn_threshold_note"]
