@@ -216,8 +216,11 @@ def main() -> None:
     queue, rule = _queue(view, df)
     hide = st.checkbox("Hide images already reviewed", value=True, key="rv_hide")
     done = store.decided_images()
+    shown = st.session_state.get("rv_current")  # the image this reviewer has in front of them
     if hide and done:
-        mask = [(d, r) not in done for d, r in zip(queue["dataset"], queue["relpath"])]
+        # The image on screen stays in the queue for this run even when another reviewer decided it
+        # meanwhile: a decision submitted for it is recorded, never dropped.
+        mask = [(d, r) not in done or (d, r) == shown for d, r in zip(queue["dataset"], queue["relpath"])]
         queue = queue[np.asarray(mask, bool)]
     if st.session_state.get("rv_last"):
         st.success(st.session_state.pop("rv_last"), icon=":material/task_alt:")
@@ -238,9 +241,14 @@ def main() -> None:
             st.rerun()
         nav[2].caption(f"Image {pos + 1} of {len(queue):,}")
         row = queue.iloc[pos]
+        st.session_state["rv_current"] = (row["dataset"], row["relpath"])
+        if (row["dataset"], row["relpath"]) in done:
+            st.info("Another decision was recorded for this image while it was on your screen; yours is added "
+                    "beside it (every decision is kept).", icon=":material/group:")
         with st.container(border=True):
             _item(row, g, levels, view.scored.embeddings)
         if _decision_form(row, store, model_name, _taxonomy_options(view), levels, session):
+            st.session_state.pop("rv_current", None)
             if not hide:
                 st.session_state[POS_KEY] = min(pos + 1, len(queue) - 1)
             st.rerun()

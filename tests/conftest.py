@@ -191,7 +191,17 @@ def scored_cruise(cruise) -> str:
     if default_model_name() is None:
         pytest.skip("no model in the zoo")
     run(default_model_name(), cruise)
+    scored_map(default_model_name(), cruise)
     return cruise
+
+
+def scored_map(model: str, collection: str) -> None:
+    """Build the Neighbourhoods map of a scored table now (UMAP's first use in a process compiles
+    code for a minute on a busy machine: the page would show its progress bar instead)."""
+    from explain.projection import table_map
+    from explain.score import scored_table
+
+    table_map(scored_table(model, collection))
 
 
 @pytest.fixture(scope="session")
@@ -212,6 +222,7 @@ def scored_sample() -> str:
         shutil.copy(SAMPLE_ZIP, dst)
         add_collection("sample", dst)
     run(default_model_name(), "sample")
+    scored_map(default_model_name(), "sample")
     return "sample"
 
 

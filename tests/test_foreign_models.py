@@ -162,12 +162,21 @@ def test_class_order_of_the_head_is_kept(byo):
 
 
 @pytest.mark.parametrize("name", ["byo-resnet18", "byo-vit", "byo-traced", "byo-effnet", "byo-mobilenet"])
-def test_every_page_renders_with_the_imported_model(byo, name, tmp_path, monkeypatch):
-    """Classify & explain (IG and GradCAM at every level), Anomalies, Neighbourhoods and Review."""
+def test_every_page_renders_with_the_imported_model(byo, name, cruise, tmp_path, monkeypatch):
+    """Classify & explain (IG and GradCAM at every level), and Anomalies, Neighbourhoods and Review
+    on an unlabelled collection scored with the imported model (against a small reference: 2
+    images per class and split of NDSB)."""
     from streamlit.testing.v1 import AppTest
 
+    from explain.score import run
+    from tests.conftest import scored_map
+
+    monkeypatch.setenv("PLANKTON_LENS_REFERENCE_LIMIT", "2")
+    assert run(name, cruise)["rows"] == 48
+    scored_map(name, cruise)
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)
     at.session_state["model_name"] = name
+    at.session_state["collection"] = cruise
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     at.switch_page("pages/classify.py").run()
@@ -429,9 +438,10 @@ def test_rgb_model_gets_colour_images_in_colour(byo):
     assert any(c.startswith("class: ") for c in captions)
 
 
-def test_a_model_without_taxonomy_has_one_level_and_every_page_copes(byo, tmp_path):
+def test_a_model_without_taxonomy_has_one_level_and_every_page_copes(byo, cruise, tmp_path):
     """Classes that no known taxonomy holds and no --taxonomy: one level; Classify explains with
-    it, the pages that need the model's own dataset say why they cannot run."""
+    it; a collection scored with it has logit scores but no gallery and no validation images, and
+    Anomalies, Neighbourhoods and Review say so instead of failing."""
     import timm
     from streamlit.testing.v1 import AppTest
 
@@ -450,7 +460,17 @@ def test_a_model_without_taxonomy_has_one_level_and_every_page_copes(byo, tmp_pa
     at.switch_page("pages/classify.py").run()
     assert not at.exception and not at.error, ([e.value for e in at.exception], [e.value for e in at.error])
     assert any(c.startswith("class: ") for im in at.get("image") for c in im.captions)
+    from explain.score import run, scored_table
+
+    run("byo-one-level", cruise)
+    t = scored_table("byo-one-level", cruise)
+    assert t.validation is None and t.thresholds == {} and t.table["knn_score"].isna().all()
+    at.session_state["collection"] = cruise
     for page in ("pages/anomalies.py", "pages/neighbourhoods.py", "pages/review.py"):
         at.switch_page(page).run()
         assert not at.exception, (page, [e.value for e in at.exception])
-        assert any("does not name the dataset it was trained on" in w.value for w in at.warning), page
+        assert not at.error, (page, [e.value for e in at.error])
+        texts = " ".join(str(x.value) for x in [*at.info, *at.warning, *at.caption, *at.markdown])
+        assert "byo" in texts or "cruise" in texts, page
+    at.switch_page("pages/anomalies.py").run()
+    assert any("has no validation images here" in i.value for i in at.info)

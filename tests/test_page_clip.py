@@ -268,9 +268,11 @@ def test_other_pages_with_the_clip_model(clip_zoo, cruise, tmp_path, monkeypatch
     from streamlit.testing.v1 import AppTest
 
     from explain.score import run
+    from tests.conftest import scored_map
 
     monkeypatch.setenv("PLANKTON_LENS_CACHE", str(tmp_path / "cache"))
     assert run("ndsb-clip", cruise)["rows"] == 48
+    scored_map("ndsb-clip", cruise)
     st.cache_data.clear()
     st.cache_resource.clear()
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=600)

@@ -429,7 +429,11 @@ def _review_once(browser, base: str, reviewer: str, decision: str, shot: str | N
     pg.locator("[data-testid='stRadio']", has_text="Decision").get_by_text(decision, exact=True).click()
     pg.get_by_label("Comment").fill(f"checked by {reviewer}")
     pg.get_by_role("button", name="Record decision").click()
-    pg.wait_for_selector("text=Recorded decision", timeout=120_000)
+    try:
+        pg.wait_for_selector("text=Recorded decision", timeout=120_000)
+    except Exception:
+        _screenshot(pg, f"review-failed-{reviewer.split()[0].lower()}.png")  # what the reviewer saw
+        raise
     wait_for_app(pg)
     _clean(pg)
     if shot:
