@@ -271,6 +271,10 @@ def test_clip_link_and_prompt_are_text():
 
 @requires_data
 def test_neighbourhoods_links_are_text(scored_cruise):
+    from models.zoo import default_model_name
+    from tests.conftest import scored_map
+
+    scored_map(default_model_name(), scored_cruise)  # the map is there (an earlier test may have rebuilt it)
     at = _app("pages/neighbourhoods.py", {"image": f"{scored_cruise}:{LINK}"}, collection=scored_cruise)
     _one_with(at, ("warning",), f"{scored_cruise}:{LINK}")
     at = _app("pages/neighbourhoods.py", {"image": "**bold**<b>x</b>"}, at)
