@@ -29,7 +29,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -656,12 +656,6 @@ def summary(t: ScoredTable) -> str:
             lines.append(f"flagged by {c} (threshold {t.thresholds[c]:.4g}, keeps {m['keep']:.0%} of validation images): "
                          f"{int(df[f'flag_{c}'].sum()):,}")
     return "\n".join(lines)
-
-
-def iter_chunks(j: Job, todo: list[int]) -> Iterator[tuple[int, pd.DataFrame]]:
-    """(index, rows) of each chunk to score (the engines' unit of work)."""
-    for i in todo:
-        yield i, j.chunk_rows(i)
 
 
 if __name__ == "__main__":

@@ -573,7 +573,7 @@ def scored_collection(title: str, intro: str) -> ScoredView | None:
     """A page's title and introduction, then the sidebar's model and collection with the
     collection's scored table. When the table is not built yet, a background run is started
     (:func:`explain.score.start`: it survives a page reload) and its progress shown; None then."""
-    from explain.score import read, start
+    from explain.score import start
 
     st.title(title)
     st.caption(intro)
@@ -604,8 +604,6 @@ def scored_collection(title: str, intro: str) -> ScoredView | None:
 
     folder = Path(s["folder"])
     scored = _scored(str(folder), (folder / "meta.json").stat().st_mtime_ns)
-    if scored is None:  # pragma: no cover - removed between status and read
-        scored = read(folder)
     m = scored.meta
     st.caption(f"**{md_text(collection)}**: {m['rows']:,} images scored by **{md_text(lm.name)}** "
                f"({m['engine']} engine, {m['images_per_s']:,.0f} images/s). Thresholds keep {m['keep']:.0%} of the "
