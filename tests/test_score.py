@@ -18,6 +18,9 @@ from tests.conftest import REPO, requires_data, unlabelled_zip
 
 SAMPLE = REPO / "data" / "sample" / "ndsb_sample.zip"
 MODEL = "ndsb-bacnn"
+# Names of their own: the session's "sample" and "cruise" (tests/conftest.py) share the cache, and
+# scoring another collection of the same name replaces their tables as stale.
+SAMPLE_C, CRUISE_C = "score-sample", "score-cruise"
 pytestmark = requires_data
 
 
@@ -29,8 +32,8 @@ def collections(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PLANKTON_LENS_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("PLANKTON_LENS_ROOTS", os.pathsep.join([str(SAMPLE.parent), str(tmp_path)]))
-    add_collection("sample", SAMPLE)
-    add_collection("cruise", unlabelled_zip(tmp_path / "cruise.zip"))
+    add_collection(SAMPLE_C, SAMPLE)
+    add_collection(CRUISE_C, unlabelled_zip(tmp_path / "cruise.zip"))
     return tmp_path
 
 
@@ -42,12 +45,12 @@ def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
 def test_scored_table_has_one_row_per_image_and_the_json_summary(collections):
     from explain.score import scored_table, score_columns
 
-    r = _cli("run", "--model", MODEL, "--collection", "cruise", "--json")
+    r = _cli("run", "--model", MODEL, "--collection", CRUISE_C, "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert set(info) == {"table", "rows", "images_per_s", "engine"} and info["engine"] == "local"
     assert info["rows"] == 48 and info["images_per_s"] > 0 and Path(info["table"]).is_file()
-    t = scored_table(MODEL, "cruise")
+    t = scored_table(MODEL, CRUISE_C)
     assert t is not None and len(t.table) == 48 and t.table["relpath"].is_unique
     assert t.embeddings.dtype == np.float16 and t.embeddings.shape[0] == 48
     assert set(t.table["class"]) == {"unlabelled"}
@@ -60,7 +63,7 @@ def test_scored_table_has_one_row_per_image_and_the_json_summary(collections):
         assert (t.table[f"flag_{c}"] == (t.table[c] > t.thresholds[c])).all()
     # a second run reads the table: nothing is scored again
     from explain.score import run
-    assert run(MODEL, "cruise")["scored"] == 0
+    assert run(MODEL, CRUISE_C)["scored"] == 0
 
 
 def test_scored_table_equals_a_direct_computation(collections):
@@ -102,11 +105,11 @@ def test_killed_run_resumes_to_the_same_table(collections):
     from explain.score import job
 
     env = {"PLANKTON_LENS_SCORE_CHUNK": "128"}
-    args = ("run", "--model", MODEL, "--collection", "sample", "--json")
+    args = ("run", "--model", MODEL, "--collection", SAMPLE_C, "--json")
     p = subprocess.Popen([sys.executable, "-m", "explain.score", *args], cwd=REPO, env={**os.environ, **env},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        folder = job(MODEL, "sample").folder
+        folder = job(MODEL, SAMPLE_C).folder
         deadline = time.time() + 300
         while time.time() < deadline and len(list((folder / "parts").glob("part-*.parquet"))) < 3:
             time.sleep(0.05)
@@ -141,25 +144,25 @@ def test_ray_engine_writes_the_same_table_as_local(collections):
 
     init(num_cpus=2)
     try:
-        run(MODEL, "sample", split="test", engine="ray")
-        via_ray = scored_table(MODEL, "sample", split="test")
+        run(MODEL, SAMPLE_C, split="test", engine="ray")
+        via_ray = scored_table(MODEL, SAMPLE_C, split="test")
         assert via_ray.meta["engine"] == "ray"
         a, ea = via_ray.table.copy(), np.array(via_ray.embeddings)
     finally:
         ray.shutdown()
     import shutil
     shutil.rmtree(via_ray.folder)
-    run(MODEL, "sample", split="test", engine="local")
-    local = scored_table(MODEL, "sample", split="test")
+    run(MODEL, SAMPLE_C, split="test", engine="local")
+    local = scored_table(MODEL, SAMPLE_C, split="test")
     pd.testing.assert_frame_equal(a, local.table, check_exact=False, atol=1e-5)
     np.testing.assert_allclose(ea.astype(np.float32), np.asarray(local.embeddings, np.float32), atol=1e-3)
 
 
 def test_cli_bad_input_is_a_message_not_a_traceback(collections):
-    for args, expect in [(("--model", "no-such-model", "--collection", "sample"), "no-such-model"),
+    for args, expect in [(("--model", "no-such-model", "--collection", SAMPLE_C), "no-such-model"),
                          (("--model", MODEL, "--collection", "no-such-collection"), "no-such-collection"),
-                         (("--model", MODEL, "--collection", "sample", "--split", "nope"), "split"),
-                         (("--model", MODEL, "--collection", "sample", "--engine", "spark"), "spark")]:
+                         (("--model", MODEL, "--collection", SAMPLE_C, "--split", "nope"), "split"),
+                         (("--model", MODEL, "--collection", SAMPLE_C, "--engine", "spark"), "spark")]:
         r = _cli("run", *args)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and expect in r.stderr
@@ -192,14 +195,14 @@ def test_export_scored_and_reviewed_collection_reads_back_as_ecotaxa(collections
     from explain.review_store import Decision, ReviewStore
     from explain.score import run, scored_table
 
-    run(MODEL, "cruise")
-    t = scored_table(MODEL, "cruise").table
+    run(MODEL, CRUISE_C)
+    t = scored_table(MODEL, CRUISE_C).table
     a, b = t["relpath"].iloc[0], t["relpath"].iloc[1]
     store = ReviewStore()
-    store.record(Decision("cruise", a, "confirm_anomaly", "ana", comment='=HYPERLINK("http://x","y")'))
-    store.record(Decision("cruise", b, "assign_label", "ben", label="copepod_calanoid", label_level="class"))
+    store.record(Decision(CRUISE_C, a, "confirm_anomaly", "ana", comment='=HYPERLINK("http://x","y")'))
+    store.record(Decision(CRUISE_C, b, "assign_label", "ben", label="copepod_calanoid", label_level="class"))
     out = tmp_path / "cruise_bundle.zip"
-    r = _cli("export", "--model", MODEL, "--collection", "cruise", "--out", str(out), "--images", "--json")
+    r = _cli("export", "--model", MODEL, "--collection", CRUISE_C, "--out", str(out), "--images", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["rows"] == len(t) and info["images"] == len(t)
@@ -219,14 +222,14 @@ def test_background_run_reports_progress_and_finishes(collections):
     """`start` scores in a process of its own (a page reload does not stop it); `status` follows it."""
     from explain.score import scored_table, start, status
 
-    st = start(MODEL, "cruise")
+    st = start(MODEL, CRUISE_C)
     assert st["state"] == "running" and st["total"] == 48
-    assert start(MODEL, "cruise")["state"] == "running"  # a second start does not start a second run
+    assert start(MODEL, CRUISE_C)["state"] == "running"  # a second start does not start a second run
     deadline = time.time() + 300
-    while status(MODEL, "cruise")["state"] == "running" and time.time() < deadline:
+    while status(MODEL, CRUISE_C)["state"] == "running" and time.time() < deadline:
         time.sleep(0.5)
-    assert status(MODEL, "cruise")["state"] == "done"
-    assert len(scored_table(MODEL, "cruise").table) == 48
+    assert status(MODEL, CRUISE_C)["state"] == "done"
+    assert len(scored_table(MODEL, CRUISE_C).table) == 48
 
 
 def test_neighbour_query_says_what_its_knn_distance_means(ndsb, ndsb_manifest):

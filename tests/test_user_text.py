@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import time
 
 import pytest
 from PIL import Image
@@ -88,17 +89,24 @@ for i, text in enumerate(json.load(open("cases.json"))):
         pg.goto(url, timeout=120_000)
         wait_for_app(pg, 120_000)
         pg.locator("[data-testid='stMarkdownContainer']", has_text=f"K{len(HOSTILE) - 1}:").wait_for(timeout=60_000)
-        got = pg.evaluate("""() => [...document.querySelectorAll(
-            "[data-testid='stMarkdownContainer'], [data-testid='stCaptionContainer']")].map(e => [
-            e.innerText, e.querySelectorAll("a, img, strong, em, del, h1, h2, h3, h4, h5, h6, ul, ol, li, blockquote, hr, "
-            + "table, b, script, .katex, [role=img], [class*=Colored], [class*=Badge]").length,
-            e.querySelectorAll("code").length])""")
+        # Poll: an element can be re-rendered (empty for a moment) while the page settles.
+        deadline, seen = time.monotonic() + 60, {}
+        while True:
+            got = pg.evaluate("""() => [...document.querySelectorAll(
+                "[data-testid='stMarkdownContainer'], [data-testid='stCaptionContainer']")].map(e => [
+                e.innerText, e.querySelectorAll("a, img, strong, em, del, h1, h2, h3, h4, h5, h6, ul, ol, li, blockquote, hr, "
+                + "table, b, script, .katex, [role=img], [class*=Colored], [class*=Badge]").length,
+                e.querySelectorAll("code").length])""")
+            seen = {}
+            for text, markup, code in got:
+                if m := re.match(r"([EMCK])(\d+): ", text):
+                    seen[m.group(1), int(m.group(2))] = (text[m.end():].replace("\u2060", ""), markup, code)
+            if len(seen) == 4 * len(HOSTILE) or time.monotonic() > deadline:
+                break
+            pg.wait_for_timeout(500)
         pg.close()
-    seen = {}
-    for text, markup, code in got:
-        if m := re.match(r"([EMCK])(\d+): ", text):
-            seen[m.group(1), int(m.group(2))] = (text[m.end():].replace("\u2060", ""), markup, code)
-    assert len(seen) == 4 * len(HOSTILE), sorted({(k, i) for k in "EMCK" for i in range(len(HOSTILE))} - set(seen))
+    missing = sorted({(k, i) for k in "EMCK" for i in range(len(HOSTILE))} - set(seen))
+    assert not missing, (missing, [g[0][:80] for g in got if not re.match(r"[EMCK]\d+: ", g[0])])
     for (kind, i), (text, markup, code) in seen.items():
         typed = HOSTILE[i]
         want = re.sub(r"\s+", " ", typed).strip() if kind == "K" else typed
