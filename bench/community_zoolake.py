@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
            "reference_limit": reference_limit(), "n_boot": args.boot, "mae": err,
            f"mae_groups_with_{args.min_images}_images": ({e: float(per_group[e][big].mean()) for e in ESTIMATORS}
                                                           if big.any() else None),
-           "groups_with_min_images": int(big.sum()), "seconds": round(seconds, 1), "load_1min": round(os.getloadavg()[0], 2)}
+           "groups_with_min_images": int(big.sum()),
+           "images_of_classes_the_model_does_not_know": int(gr.truth[:, -1].sum()) if gr.truth is not None else None,
+           "seconds": round(seconds, 1), "load_1min": round(os.getloadavg()[0], 2)}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -87,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {SHORT[e]:>3}  {err[e]:.4f}{extra}")
     best = min(err, key=err.get)
     print(f"best: {SHORT[best]}; CC {'is beaten by every correction' if all(err[e] < err['classify_and_count'] for e in ESTIMATORS if e != 'classify_and_count') else 'is not beaten by every correction'}")
+    foreign = float(gr.truth[:, -1].sum() / max(gr.images.sum(), 1)) if gr.truth is not None else 0.0
+    if foreign > 0:
+        print(f"note: {foreign:.0%} of the images are of classes {model} does not know (the error counts the "
+              "model's classes only): use a model trained on ZooLake")
     if reference_limit():
         print(f"note: PLANKTON_LENS_REFERENCE_LIMIT={reference_limit()}: the confusion comes from that many validation "
               "images per class; unset it for the figure")
