@@ -28,6 +28,7 @@ PAGES = [
     ("pages/anomalies.py", "Anomalies", ":material/troubleshoot:"),
     ("pages/neighbourhoods.py", "Neighbourhoods", ":material/scatter_plot:"),
     ("pages/review.py", "Review", ":material/fact_check:"),
+    ("pages/community.py", "Community", ":material/groups:"),
     ("pages/clip.py", "CLIP explanations", ":material/translate:"),
 ]
 

@@ -4,7 +4,10 @@ Per image: the argmax and top-k labels with probabilities at every level, every 
 at every level (``ood_<score>_<level>``), the level-consistency flag, the kNN distance to the
 model's training gallery (``knn_score``) with the neighbour vote, and a flag per score
 (``flag_<column>``) against the threshold that keeps :data:`KEEP` of the model's own validation
-images. The embeddings (float16) are in their own memory-mappable ``embeddings.npy``.
+images. The embeddings (float16) are in their own memory-mappable ``embeddings.npy``, and
+every level's posterior probabilities (float16, one row per image, one column per class) in
+``proba_<level>.npy`` (the validation images' in ``validation_proba.npz``): classify-and-count
+reads the table, the probabilistic quantifiers (:mod:`explain.community`) these matrices.
 
 The table is written in chunks of :data:`CHUNK` images (``parts/``); a run killed at any moment
 and started again scores only the missing chunks, and the assembled table has exactly one row
@@ -50,7 +53,7 @@ from .embeddings import compute_outputs, dataset_rows, predictions_frame, split_
 from .neighbours import KNN_K, Gallery, batch_vote, drop_self, load_gallery, normalise, search
 from .ood import logit_score, score_names
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: posterior matrices per level, training class counts
 #: Images per chunk: the unit of resumption and of progress.
 CHUNK = int(os.environ.get("PLANKTON_LENS_SCORE_CHUNK", "2048"))
 BATCH = 256
@@ -81,6 +84,8 @@ class Reference:
     thresholds: dict[str, float]
     key: str
     validation: pd.DataFrame | None = None  # the validation images' rows and score columns
+    validation_proba: dict[str, np.ndarray] | None = None  # their posteriors per level (float16)
+    train_counts: dict[str, int] | None = None  # images per leaf class the model was trained on
 
 
 def score_columns(levels: tuple[str, ...] | list[str], with_knn: bool = True) -> list[str]:
@@ -112,7 +117,27 @@ def _reference(name: str, sha: str, limit: int | None) -> Reference:
                   for c in score_columns(lm.levels) if len(frame) and frame[c].notna().any()}
     cols = [c for c in ("relpath", "dataset", "class") if c in val.rows]
     validation = pd.concat([val.rows[cols].reset_index(drop=True), frame], axis=1)
-    return Reference(gallery, thresholds, reference_key(lm), validation)
+    return Reference(gallery, thresholds, reference_key(lm), validation, posteriors(val.logits), train_counts(lm))
+
+
+def train_counts(lm: LensModel) -> dict[str, int]:
+    """Images per leaf class in the model's training split (its known classes, at most the
+    training's ``limit_per_class``): the class prior its posteriors carry (EM's starting point)."""
+    limit = (lm.manifest.get("train_args") or {}).get("limit_per_class")
+    rows = dataset_rows(lm.dataset, lm.manifest, limit)[1]
+    known = set(lm.classifier.class_names[lm.levels[-1]])
+    counts = rows.loc[rows["split"] == "train", "class"].value_counts()
+    return {str(k): int(v) for k, v in counts.items() if k in known}
+
+
+def posteriors(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every level's softmax of (calibrated) logits, float16 (N, classes)."""
+    out = {}
+    for lvl, z in logits.items():
+        z = z - z.max(1, keepdims=True) if len(z) else z
+        p = np.exp(z)
+        out[lvl] = (p / np.maximum(p.sum(1, keepdims=True), 1e-30)).astype(np.float16)
+    return out
 
 
 def reference(lm: LensModel) -> Reference:
@@ -174,15 +199,19 @@ def _gallery_positions(key: int, gallery: Gallery) -> dict:
 
 
 def score_batch(lm: LensModel, ref: Reference, images: np.ndarray, readable: np.ndarray,
-                dataset: np.ndarray, relpath: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+                dataset: np.ndarray, relpath: np.ndarray) -> tuple[pd.DataFrame, np.ndarray, dict[str, np.ndarray]]:
     """Score decoded images (N, S, S[, 3]) with their ``readable`` mask and their ``dataset`` /
-    ``relpath`` (to find them in the gallery) → (scored columns, float16 embeddings (N, D)), as
-    both engines do. Unreadable images keep their row (``readable`` False) with empty
-    predictions and NaN scores; ``flag_<column>`` marks scores above the model's threshold."""
+    ``relpath`` (to find them in the gallery) → (scored columns, float16 embeddings (N, D),
+    float16 posteriors per level (N, classes)), as both engines do. Unreadable images keep their
+    row (``readable`` False) with empty predictions, NaN scores and NaN posteriors;
+    ``flag_<column>`` marks scores above the model's threshold."""
     emb, logits = compute_outputs(lm.classifier, images, batch_size=BATCH)
     ids = gallery_ids(ref.gallery, pd.DataFrame({"dataset": dataset, "relpath": relpath}))
     out = score_outputs(lm, emb, logits, ref.gallery, ids)
+    proba = posteriors(logits)
     bad = ~np.asarray(readable, bool)
+    for p in proba.values():
+        p[bad] = np.nan
     if bad.any():
         for c in out.columns:
             if out[c].dtype == object:
@@ -195,7 +224,7 @@ def score_batch(lm: LensModel, ref: Reference, images: np.ndarray, readable: np.
         if c in out:
             out[f"flag_{c}"] = (out[c] > t).to_numpy()
     out.insert(0, "readable", np.asarray(readable, bool))
-    return out, emb.astype(np.float16)
+    return out, emb.astype(np.float16), proba
 
 
 def chunk_table(rows: pd.DataFrame, scored: pd.DataFrame) -> pd.DataFrame:
@@ -279,8 +308,9 @@ def _stale(folder: Path) -> None:
 
 
 # --- chunks, progress and assembly -------------------------------------------------------------
-def _part(folder: Path, i: int) -> tuple[Path, Path]:
-    return folder / "parts" / f"part-{i:06d}.parquet", folder / "parts" / f"part-{i:06d}.emb.npy"
+def _part(folder: Path, i: int) -> tuple[Path, Path, Path]:
+    base = folder / "parts" / f"part-{i:06d}"
+    return base.with_suffix(".parquet"), base.with_suffix(".emb.npy"), base.with_suffix(".proba.npz")
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -290,23 +320,26 @@ def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp.replace(path)
 
 
-def write_chunk(j: Job, i: int, frame: pd.DataFrame, emb: np.ndarray) -> None:
-    """Store chunk ``i`` (embeddings first, then the table part that marks it done)."""
-    tab, e = _part(j.folder, i)
+def write_chunk(j: Job, i: int, frame: pd.DataFrame, emb: np.ndarray, proba: dict[str, np.ndarray]) -> None:
+    """Store chunk ``i`` (embeddings and posteriors first, then the table part that marks it done)."""
+    tab, e, pr = _part(j.folder, i)
     _write_atomic(e, lambda t: np.save(open(t, "wb"), emb))
+    _write_atomic(pr, lambda t: np.savez(open(t, "wb"), **{lvl: proba[lvl].astype(np.float16) for lvl in j.lm.levels}))
     _write_atomic(tab, lambda t: frame.to_parquet(t, index=False))
 
 
 def chunk_done(j: Job, i: int) -> bool:
     """Whether chunk ``i`` is on disk whole (a part cut short by a kill is redone)."""
-    tab, e = _part(j.folder, i)
-    if not (tab.exists() and e.exists()):
+    tab, e, pr = _part(j.folder, i)
+    if not (tab.exists() and e.exists() and pr.exists()):
         return False
     n = len(j.chunk_rows(i))
     try:
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(tab).metadata.num_rows == n and np.load(e, mmap_mode="r").shape[0] == n
+        with np.load(pr) as z:
+            whole = all(z[lvl].shape[0] == n for lvl in j.lm.levels)
+        return whole and pq.ParquetFile(tab).metadata.num_rows == n and np.load(e, mmap_mode="r").shape[0] == n
     except Exception:  # noqa: BLE001 - any unreadable part is simply scored again
         return False
 
@@ -352,14 +385,26 @@ def _assemble(j: Job, engine: str, seconds: float, rate: float) -> Path:
 
     parts = [_part(j.folder, i) for i in range(j.chunks)]
     table_path = j.folder / "table.parquet"
+    levels = list(j.lm.levels)
     if parts:
-        tables = [pq.read_table(t) for t, _ in parts]
+        tables = [pq.read_table(t) for t, _, _ in parts]
         table = pa.concat_tables(tables, promote_options="permissive")
-        emb = np.concatenate([np.load(e) for _, e in parts]) if parts else np.zeros((0, 0), np.float16)
+        emb = np.concatenate([np.load(e) for _, e, _ in parts]) if parts else np.zeros((0, 0), np.float16)
+        proba = {lvl: [] for lvl in levels}
+        for _, _, pr in parts:
+            with np.load(pr) as z:
+                for lvl in levels:
+                    proba[lvl].append(z[lvl])
+        proba = {lvl: np.concatenate(v) for lvl, v in proba.items()}
     else:
         table = pa.Table.from_pandas(j.rows, preserve_index=False)
         emb = np.zeros((0, 0), np.float16)
+        proba = {lvl: np.zeros((0, j.lm.classifier.num_classes(lvl)), np.float16) for lvl in levels}
     _write_atomic(j.folder / "embeddings.npy", lambda t: np.save(open(t, "wb"), emb.astype(np.float16)))
+    for lvl in levels:
+        _write_atomic(j.folder / f"proba_{lvl}.npy", lambda t, lvl=lvl: np.save(open(t, "wb"), proba[lvl].astype(np.float16)))
+    if j.ref.validation_proba is not None:
+        _write_atomic(j.folder / "validation_proba.npz", lambda t: np.savez(open(t, "wb"), **j.ref.validation_proba))
     _write_atomic(table_path, lambda t: pq.write_table(table, t))
     if j.ref.validation is not None:
         _write_atomic(j.folder / "validation.parquet", lambda t: j.ref.validation.to_parquet(t, index=False))
@@ -367,6 +412,7 @@ def _assemble(j: Job, engine: str, seconds: float, rate: float) -> Path:
             "split": j.split, "rows": len(j.rows), "levels": list(j.lm.levels), "thresholds": j.ref.thresholds,
             "keep": KEEP, "knn_k": KNN_K, "top_k": TOP_K, "engine": engine, "seconds": round(seconds, 2),
             "images_per_s": round(rate, 1), "schema": SCHEMA_VERSION, "created": time.time(),
+            "train_counts": j.ref.train_counts, "train_sampler": (j.lm.manifest.get("train_args") or {}).get("sampler", "uniform"),
             "score_columns": [c for c in score_columns(j.lm.levels) if c in table.column_names]}
     _write_atomic(j.folder / "meta.json", lambda t: t.write_text(json.dumps(meta, indent=1)))
     _write_progress(j, len(j.rows), rate, engine, state="done")
@@ -380,7 +426,7 @@ def is_complete(j: Job) -> bool:
     except (OSError, ValueError):
         return False
     return meta.get("rows") == len(j.rows) and (j.folder / "table.parquet").exists() \
-        and (j.folder / "embeddings.npy").exists()
+        and (j.folder / "embeddings.npy").exists() and all((j.folder / f"proba_{lvl}.npy").exists() for lvl in j.lm.levels)
 
 
 # --- engines ------------------------------------------------------------------------------------
@@ -388,7 +434,7 @@ def _decode(j: Job, i: int) -> tuple[np.ndarray, np.ndarray]:
     return decode_rows(j.src, j.chunk_rows(i)["relpath"].tolist(), j.size, j.colour)
 
 
-def run_local(j: Job, todo: list[int], on_chunk: Callable[[int, pd.DataFrame, np.ndarray], None], **_) -> None:
+def run_local(j: Job, todo: list[int], on_chunk: Callable[[int, pd.DataFrame, np.ndarray, dict], None], **_) -> None:
     """Score ``todo`` chunks in this process: the next chunk is decoded in a thread while the
     model runs on the current one (PyTorch uses every core for the forward pass)."""
     if not todo:
@@ -400,9 +446,9 @@ def run_local(j: Job, todo: list[int], on_chunk: Callable[[int, pd.DataFrame, np
             if k + 1 < len(todo):
                 nxt = pool.submit(_decode, j, todo[k + 1])
             rows = j.chunk_rows(i)
-            scored, emb = score_batch(j.lm, j.ref, images, ok, rows["dataset"].to_numpy(), rows["relpath"].to_numpy())
+            scored, emb, proba = score_batch(j.lm, j.ref, images, ok, rows["dataset"].to_numpy(), rows["relpath"].to_numpy())
             frame = chunk_table(rows, scored)
-            on_chunk(i, frame, emb)
+            on_chunk(i, frame, emb, proba)
 
 
 def _run_ray(j: Job, todo: list[int], on_chunk, address: str | None = None, **_) -> None:
@@ -459,8 +505,8 @@ def run(model: str, collection: str, split: str | None = None, engine: str = "lo
     _write_progress(j, done, 0.0, engine)
     t0 = time.time()
 
-    def on_chunk(i: int, frame: pd.DataFrame, emb: np.ndarray) -> None:
-        write_chunk(j, i, frame, emb)
+    def on_chunk(i: int, frame: pd.DataFrame, emb: np.ndarray, proba: dict[str, np.ndarray]) -> None:
+        write_chunk(j, i, frame, emb, proba)
         state["done"] += len(frame)
         state["new"] += len(frame)
         rate = state["new"] / max(time.time() - t0, 1e-9)
@@ -497,6 +543,18 @@ class ScoredTable:
     @property
     def thresholds(self) -> dict[str, float]:
         return dict(self.meta.get("thresholds") or {})
+
+    def proba(self, level: str) -> np.ndarray:
+        """The posteriors at ``level`` (N, classes), float16, memory-mapped; NaN rows: unreadable images."""
+        return np.load(self.folder / f"proba_{level}.npy", mmap_mode="r")
+
+    def validation_proba(self, level: str) -> np.ndarray | None:
+        """The validation images' posteriors at ``level`` (rows of :attr:`validation`), or None."""
+        f = self.folder / "validation_proba.npz"
+        if not f.exists():
+            return None
+        with np.load(f) as z:
+            return z[level] if level in z.files else None
 
 
 def scored_table(model: str, collection: str, split: str | None = None) -> ScoredTable | None:

@@ -71,15 +71,16 @@ class _Scorer:
     def __call__(self, batch: dict) -> dict:
         from explain.score import score_batch
 
-        scored, emb = score_batch(self.lm, self.ref, batch["image"], batch["ok"], batch["dataset"], batch["relpath"])
+        scored, emb, proba = score_batch(self.lm, self.ref, batch["image"], batch["ok"], batch["dataset"], batch["relpath"])
         scored.insert(0, "_pos", np.asarray(batch["_pos"]))
         out = {c: scored[c].to_numpy() for c in scored.columns}
         out["_emb"] = emb
+        out.update({f"_proba_{lvl}": p for lvl, p in proba.items()})
         return out
 
 
 def run_ray(j, todo: list[int], on_chunk, address: str | None = None) -> None:
-    """Score the ``todo`` chunks of job ``j`` on Ray Data, calling ``on_chunk(i, frame, emb)`` per chunk."""
+    """Score the ``todo`` chunks of job ``j`` on Ray Data, calling ``on_chunk(i, frame, emb, proba)`` per chunk."""
     if not todo:
         return
     import ray
@@ -105,23 +106,27 @@ def run_ray(j, todo: list[int], on_chunk, address: str | None = None) -> None:
                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
                         fn_constructor_kwargs={"model": j.lm.name, "threads": threads})
     want = {i: len(j.chunk_rows(i)) for i in todo}
-    got: dict[int, list[tuple[pd.DataFrame, np.ndarray]]] = {i: [] for i in todo}
+    got: dict[int, list[tuple[pd.DataFrame, np.ndarray, dict]]] = {i: [] for i in todo}
     have = dict.fromkeys(todo, 0)
+    levels = list(j.lm.levels)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         emb_all = np.asarray(batch.pop("_emb"))
+        proba_all = {lvl: np.asarray(batch.pop(f"_proba_{lvl}")) for lvl in levels}
         frame_all = pd.DataFrame(batch)
         for i in np.unique(frame_all["_pos"].to_numpy() // CHUNK):
             m = (frame_all["_pos"].to_numpy() // CHUNK) == i
             i = int(i)
-            got[i].append((frame_all[m], emb_all[m]))
+            got[i].append((frame_all[m], emb_all[m], {lvl: p[m] for lvl, p in proba_all.items()}))
             have[i] += int(m.sum())
             if have[i] == want[i]:
                 parts = got.pop(i)
-                frame = pd.concat([f for f, _ in parts])
-                emb = np.concatenate([e for _, e in parts])
+                frame = pd.concat([f for f, _, _ in parts])
+                emb = np.concatenate([e for _, e, _ in parts])
+                proba = {lvl: np.concatenate([pr[lvl] for _, _, pr in parts]) for lvl in levels}
                 order = np.argsort(frame["_pos"].to_numpy(), kind="stable")
                 frame = frame.iloc[order].drop(columns=["_pos"]).reset_index(drop=True)
-                on_chunk(i, chunk_table(j.chunk_rows(i), frame), emb[order].astype(np.float16))
+                on_chunk(i, chunk_table(j.chunk_rows(i), frame), emb[order].astype(np.float16),
+                         {lvl: p[order].astype(np.float16) for lvl, p in proba.items()})
     missing = list(got)
     if missing:
         raise RuntimeError(f"Ray returned incomplete chunks {missing[:5]}")

@@ -243,3 +243,33 @@ def shown(md: str) -> str:
         out += [plain(md[pos:m.start()]), code]
         pos = m.end()
     return "".join([*out, plain(md[pos:])]).replace("\u2060", "")
+
+
+VPR_BUNDLE = REPO.parent / "shared" / "ecotaxa" / "vpr_import"
+
+
+@pytest.fixture(scope="session")
+def vpr() -> str:
+    """The real EcoTaxa VPR bundle (``../shared/ecotaxa/vpr_import``: 6 images with positions,
+    times and depths, no category) as the user collection "vpr", scored by the default model;
+    skipped when the shared files are absent."""
+    from data.collections import add_collection, user_collections
+    from explain.score import run
+    from models.zoo import default_model_name
+
+    if not VPR_BUNDLE.is_dir():
+        pytest.skip(f"{VPR_BUNDLE} not found (the shared EcoTaxa files)")
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    old = os.environ.get("PLANKTON_LENS_ROOTS")
+    os.environ["PLANKTON_LENS_ROOTS"] = os.pathsep.join([p for p in (old, str(VPR_BUNDLE.parent)) if p])
+    try:
+        if "vpr" not in user_collections():
+            add_collection("vpr", VPR_BUNDLE)
+    finally:
+        if old is None:
+            os.environ.pop("PLANKTON_LENS_ROOTS", None)
+        else:
+            os.environ["PLANKTON_LENS_ROOTS"] = old
+    run(default_model_name(), "vpr")
+    return "vpr"

@@ -57,6 +57,12 @@ def test_scored_table_has_one_row_per_image_and_the_json_summary(collections):
     for lvl in t.levels:
         p = t.table[[f"top1_p_{lvl}", f"top2_p_{lvl}", f"top3_p_{lvl}"]].to_numpy()
         assert (np.diff(p, axis=1) <= 1e-7).all() and (t.table[f"top1_{lvl}"] == t.table[f"pred_{lvl}"]).all()
+    for lvl in t.levels:  # every level's posteriors beside the table (float16): their maximum is the top-1 probability
+        p = np.asarray(t.proba(lvl), np.float32)
+        assert p.shape[0] == 48 and np.allclose(p.sum(1), 1, atol=1e-2)
+        np.testing.assert_allclose(p.max(1), t.table[f"top1_p_{lvl}"], atol=2e-3)
+    assert t.validation_proba(t.levels[-1]).shape[0] == len(t.validation)
+    assert sum(t.meta["train_counts"].values()) > 0 and t.meta["train_sampler"] == "uniform"
     cols = score_columns(t.levels)
     assert set(cols) <= set(t.table.columns) and set(t.thresholds) == set(cols)
     for c in cols:  # every score carries its threshold (95 % of validation images kept) and a flag
