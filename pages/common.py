@@ -146,7 +146,8 @@ def get_manifest(name: str) -> pd.DataFrame:
 
 def model_picker() -> str | None:
     """Sidebar model selector shared by every page (kept in ``st.session_state``): the zoo's
-    classifiers and its CLIP models (marked "(CLIP)"), which classify by their class prompts."""
+    classifiers and its CLIP models (marked "(CLIP)"), which classify by their class prompts. A deep
+    link ``?model=NAME`` selects a model of the zoo (any other value is ignored)."""
     names = model_names(kinds=CLASSIFIER_KINDS)
     if not names:
         st.sidebar.warning("No trained model found in the zoo.")
@@ -155,6 +156,11 @@ def model_picker() -> str | None:
     current = st.session_state.get(MODEL_KEY)
     if current not in names:
         current = default_model_name() or names[0]
+    linked = st.query_params.get("model")
+    if linked in names and st.session_state.get("_model_linked") != linked:
+        st.session_state["_model_linked"] = linked
+        current = linked
+        st.session_state["_model_select"] = linked
     st.session_state[MODEL_KEY] = st.sidebar.selectbox(
         "Model", names, index=names.index(current), key="_model_select",
         format_func=lambda n: f"{n} (CLIP)" if n in clip else n,

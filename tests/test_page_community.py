@@ -8,13 +8,16 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
+import os
+from pathlib import Path
+
+from tests.conftest import ARTIFACTS, REPO, requires_data, requires_zoolake, wait_for_app
 
 pytestmark = requires_data
 PAGE = "pages/community.py"
 
 
-def _app(collection: str):
+def _app(collection: str, model: str | None = None):
     from streamlit.testing.v1 import AppTest
 
     from models.zoo import default_model_name
@@ -23,6 +26,8 @@ def _app(collection: str):
         pytest.skip("no model in the zoo")
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=900)
     at.session_state["collection"] = collection
+    if model:
+        at.session_state["model_name"] = model
     at.run()
     assert not at.exception, at.exception
     return at.switch_page(PAGE).run()
@@ -109,6 +114,80 @@ def test_page_on_the_vpr_bundle_draws_an_offline_map(vpr):
     assert len(at.get("plotly_chart")) >= 3  # bars, time series, comparison, map
 
 
+ZL_MODEL = "zoolake-bacnn"
+
+
+@pytest.fixture(scope="module")
+def lake_weeks() -> str:
+    """A labelled user collection of real ZooLake test images from its three fullest weeks (at most
+    50 images a week), as an ImageFolder zip whose SPC file names carry the acquisition time,
+    scored by the zoo's ZooLake model."""
+    import zipfile
+
+    import pandas as pd
+
+    from data.collections import add_collection, user_collections
+    from explain.embeddings import dataset_rows
+    from explain.score import run
+    from models.handle import open_model
+    from models.zoo import model_names
+
+    if ZL_MODEL not in model_names():
+        pytest.skip(f"no {ZL_MODEL} in the zoo")
+    src, rows, _ = dataset_rows("zoolake", open_model(ZL_MODEL).manifest)
+    meta = src.metadata()[["relpath", "timestamp"]]
+    test = rows[rows["split"] == "test"].merge(meta, on="relpath")
+    test["week"] = test["timestamp"].dt.tz_localize(None).dt.to_period("W")
+    weeks = test["week"].value_counts().index[:3]
+    pick = pd.concat([test[test["week"] == w].sort_values("relpath").iloc[::3][:50] for w in weeks])
+    name = "lake-weeks"
+    if name not in user_collections():
+        path = Path(os.environ["PLANKTON_LENS_DATA"]) / "uploads" / "lake_weeks.zip"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(path, "w") as z:
+            for rel, cls in zip(pick["relpath"], pick["class"]):
+                z.writestr(f"{cls}/{Path(rel).name}", src.read_bytes(rel))
+        add_collection(name, path)
+    run(ZL_MODEL, name)
+    return name
+
+
+@requires_zoolake
+def test_page_on_zoolake_weeks(lake_weeks):
+    """ZooLake, labelled and time-stamped, with the ZooLake model: grouped by week by default, the
+    true relative abundance beside each estimate, and every estimator's error table."""
+    at = _app(lake_weeks, ZL_MODEL)
+    _ok(at)
+    assert at.session_state["model_name"] == ZL_MODEL
+    assert at.selectbox(key="cm_by").value == "week"
+    assert _metric(at, "Groups") == "3"
+    errors = [d.value for d in at.dataframe if "MAE" in d.value.columns]
+    assert errors and len(errors[0]) == 4 and (errors[0]["MAE"] < 0.1).all()
+    at.selectbox(key="cm_level").set_value("group").run()
+    _ok(at)
+    assert len(at.selectbox(key="cm_taxon").options) == 10  # ZooLake's ten groups
+    assert "Counts table (CSV)" in [b.proto.label for b in at.get("download_button")]
+
+
+@requires_zoolake
+def test_browser_page_on_zoolake_weeks(streamlit_server, browser, lake_weeks):
+    """The page in Chromium on ZooLake weeks, opened by a deep link that names the model and the
+    collection: the error table of the four estimators is shown, with no exception."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.set_default_timeout(120_000)
+    page.goto(streamlit_server, timeout=300_000)  # the root first: app.py registers the pages
+    page.locator("[data-testid='stSidebar']").get_by_text("Plankton Lens", exact=True).wait_for(timeout=300_000)
+    page.goto(f"{streamlit_server}/community?model={ZL_MODEL}&collection={lake_weeks}", timeout=300_000)
+    page.get_by_text("Mean absolute error against the true relative abundance").first.wait_for(timeout=600_000)
+    wait_for_app(page, 300_000)
+    exc = page.locator("[data-testid='stException']")
+    assert exc.count() == 0, exc.first.inner_text()[:2000]
+    scored = page.get_by_text(f"images scored by {ZL_MODEL}").first  # the caption names the table's model
+    assert lake_weeks in scored.inner_text(), scored.inner_text()
+    assert page.locator("[data-testid='stPlotlyChart']").count() >= 3
+    page.close()
+
+
 def test_browser_page_on_the_vpr_bundle(streamlit_server, browser, vpr):
     """The page in Chromium on the VPR bundle, opened with ?collection=vpr: no exception, no console
     error, and every request the page makes goes to the app's own server (the map fetches nothing)."""
@@ -190,3 +269,19 @@ def test_every_figure_on_a_hand_made_time_series_with_positions_and_depths():
         for fig in figs + ([s] if s is not None else []):
             assert fig.data and fig.layout.title.text
         assert F.group_map(est, "em", 1).data[0].type == "scatter"
+
+
+def test_model_deep_link_selects_a_zoo_model_only():
+    """``?model=NAME`` picks that zoo model in the sidebar; any other value leaves the default."""
+    from streamlit.testing.v1 import AppTest
+
+    from models.zoo import default_model_name, model_names
+
+    if ZL_MODEL not in model_names():
+        pytest.skip(f"no {ZL_MODEL} in the zoo")
+    for value, want in ((ZL_MODEL, ZL_MODEL), ("**nope**<b>", default_model_name())):
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=300)
+        at.query_params["model"] = value
+        at.run()
+        assert not at.exception, at.exception
+        assert at.session_state["model_name"] == want and at.selectbox(key="_model_select").value == want
