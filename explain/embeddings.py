@@ -186,26 +186,32 @@ def split_embeddings(model_name: str, dataset: str, split: str | None = None, pr
 
 
 def predictions_frame(logits: dict[str, np.ndarray], model: HierarchicalClassifier) -> pd.DataFrame:
-    """Per image and level: the predicted name (``pred_<level>``) and its probability
-    (``pred_conf_<level>``); ``inconsistent`` is True where two adjacent levels' predictions are not
-    parent and child in the taxonomy, and ``inconsistency`` says which."""
+    """Per image and level: the shown prediction (``pred_<level>``: the taxonomy path of highest
+    product of probabilities, :func:`models.path.best_path`) and its probability
+    (``pred_conf_<level>``); ``inconsistent`` is True where two adjacent levels' own argmaxes are
+    not parent and child in the taxonomy (a diagnostic), and ``inconsistency`` says which."""
+    from models.path import best_path, path_probabilities
+
     out: dict[str, np.ndarray] = {}
-    idx = {}
+    probs, idx = {}, {}
     for lvl in model.levels:
         z = logits[lvl] - logits[lvl].max(1, keepdims=True)
         p = np.exp(z)
         p /= p.sum(1, keepdims=True)
-        idx[lvl] = p.argmax(1)
-        out[f"pred_{lvl}"] = np.asarray(model.class_names[lvl], dtype=object)[idx[lvl]]
-        out[f"pred_conf_{lvl}"] = p.max(1).astype(np.float32)
+        probs[lvl], idx[lvl] = p, p.argmax(1)
+    path = best_path(probs, model.taxonomy, model.levels)
+    conf = path_probabilities(probs, path)
+    for lvl in model.levels:
+        out[f"pred_{lvl}"] = np.asarray(model.class_names[lvl], dtype=object)[path[lvl]]
+        out[f"pred_conf_{lvl}"] = conf[lvl].astype(np.float32)
     n = len(next(iter(idx.values()))) if idx else 0
     why = np.full(n, "", dtype=object)
     for up, lvl in zip(model.levels[:-1], model.levels[1:]):
         parent = model.taxonomy.child_to_parent(lvl)[idx[lvl]]
         bad = parent != idx[up]
-        names_up = np.asarray(model.class_names[up], dtype=object)
+        names_up, names_lvl = np.asarray(model.class_names[up], dtype=object), np.asarray(model.class_names[lvl], dtype=object)
         for i in np.flatnonzero(bad):
-            msg = (f"{up} {out[f'pred_{up}'][i]!r} but {lvl} {out[f'pred_{lvl}'][i]!r} "
+            msg = (f"{up} {names_up[idx[up][i]]!r} but {lvl} {names_lvl[idx[lvl][i]]!r} "
                    f"(which belongs to {names_up[parent[i]]!r})")
             why[i] = msg if not why[i] else f"{why[i]}; {msg}"
     df = pd.DataFrame(out)

@@ -53,7 +53,7 @@ from .embeddings import compute_outputs, dataset_rows, predictions_frame, split_
 from .neighbours import KNN_K, Gallery, batch_vote, drop_self, load_gallery, normalise, search
 from .ood import logit_score, score_names
 
-SCHEMA_VERSION = 2  # 2: posterior matrices per level, training class counts
+SCHEMA_VERSION = 3  # 3: pred_<level> is the shown taxonomy path (models.path), top1_<level> the argmax
 #: Images per chunk: the unit of resumption and of progress.
 CHUNK = int(os.environ.get("PLANKTON_LENS_SCORE_CHUNK", "2048"))
 BATCH = 256

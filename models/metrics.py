@@ -67,18 +67,42 @@ def mistake_severity(y_true: np.ndarray, y_pred: np.ndarray, taxonomy: Taxonomy)
 
 
 def evaluate_predictions(probs: dict[str, np.ndarray], targets: dict[str, np.ndarray], taxonomy: Taxonomy) -> dict:
-    """The full metrics report (the ``models.evaluate`` JSON shape, without the model name)."""
-    preds = {lvl: p.argmax(1) for lvl, p in probs.items()}
-    levels = {lvl: prf_macro(targets[lvl], preds[lvl], probs[lvl].shape[1]) for lvl in taxonomy.levels}
+    """The full metrics report (the ``models.evaluate`` JSON shape, without the model name).
+
+    ``levels`` and ``leaf`` score the shown path (:func:`models.path.best_path`: one root-to-leaf
+    path that respects the taxonomy); ``argmax_levels`` scores each level's own argmax, a
+    diagnostic, whose agreement with the taxonomy is ``consistency`` (``path_consistency``: the
+    shown path's, 1 by construction)."""
+    from models.path import best_path
+
+    argmax = {lvl: p.argmax(1) for lvl, p in probs.items()}
+    path = best_path(probs, taxonomy)
+    n = {lvl: len(taxonomy.names(lvl)) for lvl in taxonomy.levels}
+    levels = {lvl: prf_macro(targets[lvl], path[lvl], n[lvl]) for lvl in taxonomy.levels}
     leaf = taxonomy.levels[-1]
     return {
         "levels": levels,
+        "argmax_levels": {lvl: prf_macro(targets[lvl], argmax[lvl], n[lvl]) for lvl in taxonomy.levels if lvl in argmax},
         "leaf": {
             "accuracy": levels[leaf]["accuracy"],
             "top5": topk_accuracy(targets[leaf], probs[leaf], 5),
             "log_loss": log_loss(targets[leaf], probs[leaf]),
         },
-        "consistency": consistency(preds, taxonomy),
-        "mistake_severity": mistake_severity(targets[leaf], preds[leaf], taxonomy),
+        "consistency": consistency(argmax, taxonomy) if set(taxonomy.levels) <= set(argmax) else 1.0,
+        "path_consistency": consistency(path, taxonomy),
+        "level1_recall": level_recall(targets[taxonomy.levels[0]], path[taxonomy.levels[0]], taxonomy.names(taxonomy.levels[0])),
+        "mistake_severity": mistake_severity(targets[leaf], path[leaf], taxonomy),
         "n_images": int(len(targets[leaf])),
     }
+
+
+def level_recall(y_true: np.ndarray, y_pred: np.ndarray, names: list[str]) -> dict[str, float | None]:
+    """Recall of each node (None for a node with no true image), and their mean over the nodes
+    present as ``balanced_accuracy`` (level 1: living / non-living / unknown)."""
+    out: dict[str, float | None] = {}
+    for i, name in enumerate(names):
+        m = y_true == i
+        out[name] = float((y_pred[m] == i).mean()) if m.any() else None
+    present = [v for v in out.values() if v is not None]
+    out["balanced_accuracy"] = float(np.mean(present)) if present else None
+    return out

@@ -262,7 +262,7 @@ def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, 
         with m[0]:
             st.caption("Predicted class")
             st.markdown(f"#### {md_text(pred.path[leaf])}")
-        m[1].metric("Probability", f"{pred.topk[leaf][0][1]:.1%}")
+        m[1].metric("Probability", f"{pred.probability(leaf, model.class_names[leaf]):.1%}")
         with m[2]:
             st.caption("Ground truth")
             if truth_path:
@@ -279,7 +279,7 @@ def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, 
                     st.text(img.annotation)
         steps = []
         for lvl in model.levels:
-            p = dict(pred.topk[lvl])[pred.path[lvl]]
+            p = pred.probability(lvl, model.class_names[lvl])
             mark = ""
             if truth_path:
                 mark = " ✓" if truth_path[lvl] == pred.path[lvl] else f" ✗ (truth: {md_text(truth_path[lvl])})"
@@ -287,13 +287,15 @@ def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, 
             steps.append(f"**{md_text(lvl)}**: {md_text(pred.path[lvl])} ({p:.0%}){flag}{mark}")
         st.markdown("  \n".join(steps))
         for lvl, msg in pred.contradictions.items():
-            st.warning(f"Hierarchy contradiction at **{md_text(lvl)}**: {md_text(msg)}.", icon=":material/warning:")
+            st.warning(f"Hierarchy contradiction at **{md_text(lvl)}**: {md_text(msg)}. The path shown is the one of "
+                       "highest joint probability, which respects the taxonomy.", icon=":material/warning:")
         if img.truth and img.truth in heldout:
             st.info(f"{md_text(repr(img.truth))} was held out of this model's training: it has never seen this class"
                     + (" (a CLIP model still names it, zero-shot, from its text prompts)." if model.arch == "clip" else "."))
     st.plotly_chart(_bars(list(model.levels), pred, truth_path or {}), width="stretch", key="bars",
                     config={"displayModeBar": False})
-    st.caption("Blue: predicted · orange: ground truth · ⚠: the level's top class is not a child of the level above's.")
+    st.caption("Blue: predicted · orange: ground truth · ⚠: the level's own top class is not a child of the level above's "
+               "(the path shown is the taxonomy path of highest joint probability).")
 
 
 def _badge(f: dict) -> str:

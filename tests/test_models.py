@@ -240,6 +240,38 @@ def test_consistency_and_mistake_severity(tax):
     assert mistake_severity(np.array([a]), np.array([a]), tax) == 0.0
 
 
+def test_best_path_respects_the_taxonomy_where_the_argmax_does_not(tax):
+    """Level 1 says "non-living" (0.55) over a leaf that is a copepod (0.6): the shown path is the
+    leaf of highest product of probabilities with its ancestors, so one path, consistent."""
+    from models.path import best_path, path_probabilities
+
+    c = {n: k for k, n in enumerate(tax.classes)}
+    cop, det = c["copepod_calanoid"], c["detritus_blob"]
+    probs = {}
+    for lvl in tax.levels:
+        n = len(tax.names(lvl))
+        p = np.full((2, n), 0.01 / n)
+        a, b = tax.leaf_to_level(lvl)[cop], tax.leaf_to_level(lvl)[det]
+        p[0, a], p[0, b] = 0.6, 0.39  # image 0: every level prefers the copepod's path
+        p[1, a], p[1, b] = 0.6, 0.39
+        probs[lvl] = p
+    probs["living"][1] = 0.0
+    probs["living"][1, tax.leaf_to_level("living")[det]] = 0.55
+    probs["living"][1, tax.leaf_to_level("living")[cop]] = 0.45
+    argmax = {lvl: p.argmax(1) for lvl, p in probs.items()}
+    assert consistency(argmax, tax) == 0.5  # image 1's argmax contradicts itself
+    path = best_path(probs, tax)
+    assert consistency(path, tax) == 1.0 and (path["class"] == cop).all()  # 0.45·0.6³ > 0.55·0.39³
+    assert path["living"][1] == tax.leaf_to_level("living")[cop]
+    np.testing.assert_allclose(path_probabilities(probs, path)["living"], [0.6, 0.45])
+    leaf_only = best_path({"class": probs["class"]}, tax)  # a one-level model: the argmax lifted
+    assert (leaf_only["class"] == cop).all() and set(leaf_only) == set(tax.levels)
+    r = evaluate_predictions(probs, {lvl: np.array([tax.leaf_to_level(lvl)[cop]] * 2) for lvl in tax.levels}, tax)
+    assert r["path_consistency"] == 1.0 and r["consistency"] == 0.5
+    assert r["levels"]["living"]["accuracy"] == 1.0 and r["argmax_levels"]["living"]["accuracy"] == 0.5
+    assert r["level1_recall"]["living"] == 1.0 and r["level1_recall"]["non-living"] is None
+
+
 # --- training CLI and the zoo ------------------------------------------------------------
 @requires_data
 def test_train_cli_checkpoints_and_resumes(tmp_path):
@@ -280,8 +312,10 @@ def test_evaluate_cli_json_shape():
     for v in [*r["levels"].values(), r["leaf"]]:
         for x in v.values():
             assert 0 <= x <= 1 or x == r["leaf"]["log_loss"]
-    assert 0 <= r["consistency"] <= 1 and r["mistake_severity"] >= 0
-    assert r["levels"]["class"]["accuracy"] == pytest.approx(ZOO[0]["metrics"]["class_accuracy"], abs=1e-3)
+    assert 0 <= r["consistency"] <= 1 and r["mistake_severity"] >= 0 and r["path_consistency"] == 1.0
+    # the manifest's figure was the per-level argmax's (the training run's report)
+    assert r["argmax_levels"]["class"]["accuracy"] == pytest.approx(ZOO[0]["metrics"]["class_accuracy"], abs=1e-3)
+    assert set(r["level1_recall"]) == {"living", "non-living", "unknown", "balanced_accuracy"}
 
 
 def test_zoo_cli_json():
