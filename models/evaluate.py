@@ -2,8 +2,11 @@
 
     python -m models.evaluate --model ndsb-bacnn --split test --json [--tta] [--write-results]
 
-Per level accuracy, macro F1 / precision / recall; leaf top-5 and log loss; parent/child
-consistency of the argmax path; mistake severity. ``--write-results`` also regenerates the
+Per level accuracy, macro F1 / precision / recall of the shown path (the taxonomy path of highest
+joint probability, :mod:`models.path`; ``argmax_levels``: each level's own argmax, a diagnostic);
+leaf top-5 and log loss; ``path_consistency`` (the shown path's, 1) beside ``consistency`` (the
+argmaxes' agreement with the taxonomy); level-1 recall per class and balanced accuracy; mistake
+severity. ``--write-results`` also regenerates the
 classifier table of docs/results.md from every NDSB zoo model.
 """
 from __future__ import annotations
@@ -12,7 +15,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
 
 from .checkpoint import CheckpointError
 from .data import load_dataset, subset
@@ -48,13 +50,18 @@ def _fmt(m: dict) -> str:
     return " ".join(f"{100 * m[k]:.1f}" for k in ("accuracy", "f1", "precision", "recall"))
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
 def results_table(reports: list[dict]) -> str:
     levels = reports[0]["levels"].keys()
-    head = "| model | " + " | ".join(f"{lvl} (acc F1 P R)" for lvl in levels) + " | leaf top-5 | log loss | consistency | mistake severity |"
-    rows = [head, "|" + "---|" * (len(levels) + 5)]
+    head = "| model | " + " | ".join(f"{lvl} (acc F1 P R)" for lvl in levels) + " | leaf top-5 | log loss | level-1 balanced acc | argmax consistency | path consistency | mistake severity |"
+    rows = [head, "|" + "---|" * (len(levels) + 7)]
     for r in reports:
         rows.append(f"| {r['model']}{' +TTA' if r['tta'] else ''} | " + " | ".join(_fmt(r["levels"][lvl]) for lvl in levels)
-                    + f" | {100 * r['leaf']['top5']:.1f} | {r['leaf']['log_loss']:.3f} | {100 * r['consistency']:.1f} | {r['mistake_severity']:.2f} |")
+                    + f" | {100 * r['leaf']['top5']:.1f} | {r['leaf']['log_loss']:.3f} | {_pct(r.get('level1_recall', {}).get('balanced_accuracy'))}"
+                    + f" | {100 * r['consistency']:.1f} | {_pct(r.get('path_consistency'))} | {r['mistake_severity']:.2f} |")
     return "\n".join(rows)
 
 
