@@ -10,6 +10,8 @@ T="$PY -m models.train --dataset ndsb --no-progress"
 [ -f models/zoo/ndsb-flat.json ]   || $T --arch flat --epochs 5
 [ -f models/zoo/ndsb-bcnn.json ]   || $T --arch bcnn --epochs 5
 [ -f models/zoo/ndsb-sbacnn.json ] || $T --arch sbacnn --epochs 5
+# Issue 17: the ZooLake model (ZooLake's training split; Community page, cross-instrument check).
+[ -f models/zoo/zoolake-bacnn.json ] || $PY -m models.train --arch bacnn --dataset zoolake --epochs 12 --threads 1 --no-progress
 # Issue 5: leave-class-out models (12 classes of data/heldout_ndsb.json held out), the baseline,
 # then the flat-logit (outlier exposure) fine-tune and, for a fair comparison, the same fine-tune without it
 # (fine-tunes keep batch-norm statistics fixed: --freeze-bn auto; without it the outlier term collapsed
