@@ -6,16 +6,12 @@ and lays it out.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image
 
-from data.decode import MAX_ASPECT, ImageDecodeError, keeps_colour, load_for_model
+from data.decode import keeps_colour
 from data.manifest import decoded_array
 from explain import export
 from explain.faithfulness import randomisation_check
@@ -24,37 +20,22 @@ from explain.saliency import available_methods, get_method, is_signed, list_meth
 from models.base import images_to_tensor
 from models.train import predict_arrays
 from models.handle import open_model
+from pages import image_picker as picker
 from pages.common import (
-    COMPUTE_LOCK, DEFAULT_METHOD, DISPLAY_PX, current_collection, current_model, gallery_sample, get_manifest,
-    get_source, get_sources, run_page)
+    COMPUTE_LOCK, DEFAULT_METHOD, current_collection, current_model, gallery_sample, get_manifest, get_source,
+    get_sources, run_page)
 from pages.common import explanation_attribution as _attr
 from pages.common import explanation_contrast as _contrast
 from pages.common import explanation_faithfulness as _faith
 from pages.common import explanation_references as _references
-from pages.common import load_dataset_image, md_text, thumbnail
+from pages.common import md_text
 from pages.common import image_key as _key
+from pages.image_picker import PickedImage
+from pages.state import CLASSIFY_PICKER
 
-log = logging.getLogger("plankton_lens.classify")
-
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
 ORDERS = ["random", "misclassified only", "least confident"]
-SEL_KEY = "classify_selected"  # (dataset, relpath) of the gallery image being explained
-LINK_KEY = "classify_last_link"
+KEYS = CLASSIFY_PICKER  # the picker's keys: "classify_selected" is the (collection, relpath) being explained
 BLUE, ORANGE, GREY = "#0072B2", "#E69F00", "#B8C4CE"  # Okabe-Ito: colour-blind safe
-
-
-@dataclass
-class Loaded:
-    """One image ready to explain."""
-
-    key: str  # stable id (sha1 of the model input)
-    label: str  # shown as the title
-    fg: np.ndarray  # uint8 model input (S, S), foreground polarity
-    display: Image.Image  # square image in its original polarity, DISPLAY_PX wide
-    notes: tuple[str, ...]
-    truth: str | None = None  # true leaf class when known
-    link: str | None = None  # deep-link value "<dataset>:<relpath>"
-    annotation: str | None = None  # e.g. EcoTaxa's (unvalidated) prediction
 
 
 # --- cached computations ---------------------------------------------------------------------
@@ -72,51 +53,13 @@ def _subset_predictions(model_name: str, sha: str, dataset: str, relpaths: tuple
     return pd.DataFrame({"relpath": list(relpaths), "predicted": names[probs.argmax(1)], "confidence": probs.max(1)})
 
 
-# --- image choice ----------------------------------------------------------------------------
-def _parse_link(value: str) -> tuple[str, str] | None:
-    ds, sep, rel = (value or "").partition(":")
-    return (ds, rel) if sep and ds and rel else None
-
-
-def _link_problem(link: str) -> str | None:
-    """Why a deep link ``<dataset>:<relpath>`` cannot be opened (Markdown), or None when it can."""
-    parsed = _parse_link(link)
-    if parsed is None:
-        return f"The link {md_text('?image=' + link, code=True)} is not of the form `?image=<dataset>:<relative path>`."
-    ds, rel = parsed
-    sources = get_sources()
-    if ds not in sources:
-        return md_text(f"The link names the dataset {ds!r}, which is not available here "
-                       f"(known: {', '.join(sources) or 'none'}).")
-    if not (get_manifest(ds)["relpath"] == rel).any():
-        return md_text(f"The link points to {rel!r}, but there is no image at that path in the {ds} dataset.")
-    return None
-
-
-def _select(dataset: str, relpath: str) -> None:
-    st.session_state[SEL_KEY] = (dataset, relpath)
-    link = f"{dataset}:{relpath}"
-    st.session_state[LINK_KEY] = link
-    st.query_params["image"] = link
-
-
-def _load_dataset_image(model, dataset: str, relpath: str) -> Loaded | None:
-    """Decode a gallery image (with its ground truth), or show why it cannot be."""
-    d = load_dataset_image(dataset, relpath, model.preprocessing["size"], DISPLAY_PX, model.preprocessing)
-    return None if d is None else Loaded(d.key, d.link, d.fg, d.display, d.notes, truth=d.truth, link=d.link,
-                                         annotation=d.annotation)
-
-
+# --- image choice (pages.image_picker) -------------------------------------------------------------
 def _short(name: str, n: int = 14) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
-def _shuffle() -> None:
-    st.session_state["g_seed"] = st.session_state.get("g_seed", 0) + 1
-
-
-def _gallery(model, manifest: dict) -> Loaded | None:
-    """Filters and thumbnails; returns the selected image."""
+def _gallery(model, manifest: dict) -> PickedImage | None:
+    """Filters and thumbnails of the sidebar's collection; returns the selected image."""
     sources = get_sources()
     if not sources:
         st.warning("No dataset found, so there is no gallery; upload an image instead.")
@@ -145,7 +88,7 @@ def _gallery(model, manifest: dict) -> Loaded | None:
         st.info("No image matches these filters.")
         return _current_selection(model)
 
-    seed = st.session_state.get("g_seed", 0)
+    seed = picker.gallery_seed(KEYS)
     captions = {}
     if order == "random":
         shown = gallery_sample(sub, seed)
@@ -166,53 +109,18 @@ def _gallery(model, manifest: dict) -> Loaded | None:
     if shown.empty:
         st.info("No image matches these filters.")
         return _current_selection(model)
-    sel = st.session_state.get(SEL_KEY)
-    if sel is None or not st.session_state.get(LINK_KEY):
-        sel = (ds, shown.iloc[0]["relpath"])
-        st.session_state[SEL_KEY] = sel
-    cols = st.columns(12)
-    for i, (rel, name) in enumerate(zip(shown["relpath"], shown["class"])):
-        with cols[i % 12]:
-            th = thumbnail(ds, rel)
-            if th is None:
-                st.caption("unreadable")
-            else:
-                st.image(th, width="stretch")
-            st.button("Explain", key=f"pick_{i}", on_click=_select, args=(ds, rel), width="stretch",
-                      type="primary" if sel == (ds, rel) else "secondary", help=md_text(f"{name} · {rel}"))
-            st.caption(md_text(_short(name)) + (f"  \n{captions[rel]}" if rel in captions else ""))
-    st.button("Shuffle", icon=":material/shuffle:", key="g_shuffle", on_click=_shuffle)
+    picker.thumbnails(KEYS, ds, shown, captions)
     return _current_selection(model)
 
 
-def _current_selection(model) -> Loaded | None:
-    sel = st.session_state.get(SEL_KEY)
-    return _load_dataset_image(model, *sel) if sel else None
+def _current_selection(model) -> PickedImage | None:
+    return picker.selection(KEYS, model.preprocessing["size"], model.preprocessing)
 
 
-def _uploads(model) -> Loaded | None:
-    """Upload one or several images; bad files get a message each, the others still work."""
-    files = st.file_uploader("Images (PNG, JPEG, TIFF, BMP)", type=UPLOAD_TYPES, accept_multiple_files=True,
-                             key="uploads", help="Background (dark-field or shadowgraph) is detected from the border.")
-    if not files:
-        st.info("Upload one or more plankton images to classify them.")
-        return None
-    good: list[Loaded] = []
-    for f in files:
-        try:
-            fg, dec, square = load_for_model(f.getvalue(), model.preprocessing["size"], mode="L", max_aspect=MAX_ASPECT,
-                                             colour=keeps_colour(model.preprocessing))
-        except ImageDecodeError as e:
-            st.error(f"**{md_text(f.name)}**: {md_text(e.message)}", icon=":material/broken_image:")
-            continue
-        except Exception as e:  # noqa: BLE001 - any decoder surprise is still a bad upload
-            log.exception("upload %s", f.name)
-            st.error(f"**{md_text(f.name)}** could not be read as an image ({type(e).__name__}).", icon=":material/broken_image:")
-            continue
-        disp = square.convert("RGB").resize((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BICUBIC)
-        good.append(Loaded(_key(fg), f.name, fg, disp, dec.notes))
-    if not good:
-        return None
+def _uploads(model) -> PickedImage | None:
+    """Upload one or several images (bad files get a message each); several are classified in a table."""
+    good = picker.uploads(KEYS, model.preprocessing["size"], keeps_colour(model.preprocessing),
+                          prompt="Upload one or more plankton images to classify them.")
     if len(good) > 1:
         with st.spinner("Classifying uploads…"):
             probs = predict_arrays(model, np.stack([g.fg for g in good]))
@@ -222,9 +130,7 @@ def _uploads(model) -> Loaded | None:
                               "probability": probs[leaf].max(1)})
         st.dataframe(table, hide_index=True, width="stretch",
                      column_config={"probability": st.column_config.ProgressColumn(min_value=0.0, max_value=1.0, format="percent")})
-        i = st.selectbox("Explain", range(len(good)), format_func=lambda k: good[k].label, key="upload_pick")
-        return good[i]
-    return good[0]
+    return picker.choose_upload(KEYS, good)
 
 
 # --- layout pieces ---------------------------------------------------------------------------
@@ -250,7 +156,7 @@ def _bars(levels: list[str], pred: Prediction, truth_path: dict) -> go.Figure:
     return fig
 
 
-def _predictions(model, img: Loaded, pred: Prediction, truth_path: dict | None, heldout: list[str]) -> None:
+def _predictions(model, img: PickedImage, pred: Prediction, truth_path: dict | None, heldout: list[str]) -> None:
     left, right = st.columns([1, 2.4])
     with left:
         st.image(img.display, caption=md_text(img.label), width="stretch")
@@ -315,7 +221,7 @@ def _curve_fig(f: dict) -> go.Figure:
     return fig
 
 
-def _sanity(model, mkey: str, img: Loaded, x, level: str, target: str, method: str) -> None:
+def _sanity(model, mkey: str, img: PickedImage, x, level: str, target: str, method: str) -> None:
     """The cascading model-randomisation check, run on request (Adebayo et al. 2018)."""
     st.caption("Randomises the weights from the output heads downwards and measures how similar the map stays "
                "(Spearman rank correlation and SSIM of |map|). A faithful method's map should change a lot.")
@@ -332,7 +238,7 @@ def _sanity(model, mkey: str, img: Loaded, x, level: str, target: str, method: s
             + ("it depends on the learned weights." if abs(first) < 0.5 else "it changes little — treat it with care."))
 
 
-def _explain(model, mkey: str, img: Loaded, x, pred: Prediction, manifest: dict, truth_path: dict | None) -> None:
+def _explain(model, mkey: str, img: PickedImage, x, pred: Prediction, manifest: dict, truth_path: dict | None) -> None:
     st.subheader("Why? Saliency maps")
     has_cam = target_layer(model) is not None  # a CLIP with a ViT tower has no convolutional block
     methods = [m.name for m in available_methods(model)]
@@ -448,27 +354,7 @@ def main() -> None:
                 "probabilities. The text prompts behind a prediction are on the *CLIP explanations* page.",
                 icon=":material/translate:")
 
-    link = st.query_params.get("image")
-    if link and link != st.session_state.get(LINK_KEY):
-        problem = _link_problem(link)
-        if problem:
-            st.error(problem, icon=":material/link_off:")
-            del st.query_params["image"]
-        else:
-            st.session_state[SEL_KEY] = _parse_link(link)
-            st.session_state[LINK_KEY] = link
-            st.session_state["source"] = "Dataset gallery"
-
-    source = st.radio("Image source", ["Dataset gallery", "Upload images"], horizontal=True, key="source",
-                      label_visibility="collapsed")
-    if source == "Dataset gallery":
-        with st.container(border=True):
-            img = _gallery(model, manifest)
-    else:
-        if "image" in st.query_params:
-            del st.query_params["image"]
-        st.session_state[LINK_KEY] = None
-        img = _uploads(model)
+    img = picker.pick(KEYS, lambda: _gallery(model, manifest), lambda: _uploads(model))
     if img is None:
         return
 
@@ -476,7 +362,7 @@ def main() -> None:
     with COMPUTE_LOCK:
         pred = predict(model, x, k=5)
     truth_path = ground_truth_path(model, img.truth)
-    st.header(md_text(img.label.rsplit("/", 1)[-1] if img.link else img.label), divider="gray")
+    st.header(md_text(img.name), divider="gray")
     _predictions(model, img, pred, truth_path, list(manifest.get("heldout") or []))
     _explain(model, mkey, img, x, pred, manifest, truth_path)
 

@@ -6,15 +6,11 @@ Images come from the dataset (test split), from an upload, or from a deep link
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image
 
-from data.decode import MAX_ASPECT, ImageDecodeError, load_for_model
 from data.manifest import decoded_array
 from explain import clip as xc
 from explain.export import overlay
@@ -22,23 +18,16 @@ from explain.saliency import available_methods, is_signed, list_methods
 from models.checkpoint import CheckpointError
 from models.handle import open_model
 from models.zoo import list_models
-from pages.common import MODEL_KEY, current_collection, get_manifest, get_sources, load_dataset_image, md_text, run_page
-from pages.common import image_key as _key
+from pages import image_picker as picker
+from pages import state
+from pages.common import (DISPLAY_PX, current_collection, gallery_sample, get_manifest, get_sources, md_text,
+                          run_page)
+from pages.image_picker import PickedImage
 
-CLIP_KEY = "clip_model_name"
-DISPLAY_PX = 256
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
+CLIP_KEY = state.CLIP_MODEL
+KEYS = state.CLIP_PICKER
 BLUE, ORANGE, GREY = "#0072B2", "#E69F00", "#999999"  # Okabe-Ito: colour-blind safe
 KIND_LABELS = {"taxonomy": "taxonomy path", "morphology": "morphology", "non-living": "non-living"}
-
-
-@dataclass
-class Picked:
-    key: str
-    label: str
-    fg: np.ndarray
-    display: Image.Image
-    truth: str | None = None
 
 
 # --- cached resources --------------------------------------------------------------------------
@@ -86,66 +75,33 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
-# --- image choice ------------------------------------------------------------------------------
-def _from_dataset(pc, dataset: str, relpath: str) -> Picked | None:
-    d = load_dataset_image(dataset, relpath, pc.size, DISPLAY_PX)
-    return None if d is None else Picked(d.key, d.link, d.fg, d.display, d.truth)
-
-
-def _from_upload(pc) -> Picked | None:
-    up = st.file_uploader("Image (PNG, JPEG, TIFF, BMP)", type=UPLOAD_TYPES, key="clip_upload")
-    if up is None:
-        st.info("Upload a plankton image to explain it.")
-        return None
-    try:
-        fg, dec, square = load_for_model(up.getvalue(), pc.size, mode="L", background=None, max_aspect=MAX_ASPECT)
-    except ImageDecodeError as e:
-        st.error(md_text(f"{up.name}: {e.message}"))
-        return None
-    disp = square.convert("RGB").resize((DISPLAY_PX, DISPLAY_PX), Image.Resampling.BICUBIC)
-    for note in dec.notes:
-        st.caption(md_text(f"Note: {note}."))
-    return Picked(_key(fg), up.name, fg, disp)
-
-
-def _pick(pc, man: dict) -> Picked | None:
-    link = st.query_params.get("image")
-    if link and st.session_state.get("clip_link_done") != link:
-        ds, sep, rel = link.partition(":")
-        if not (sep and ds and rel):
-            st.error(md_text(f"The link's image {link!r} is not of the form <dataset>:<relative path>."))
-        else:
-            st.session_state["clip_link_done"] = link
-            st.session_state["clip_source"] = "Dataset image"
-            st.session_state["clip_linked"] = (ds, rel)
-    source = st.radio("Image", ["Dataset image", "Upload an image"], horizontal=True, key="clip_source")
-    if source == "Upload an image":
-        st.session_state.pop("clip_linked", None)
-        return _from_upload(pc)
-    sources = get_sources()
+# --- image choice (pages.image_picker) -------------------------------------------------------------
+def _gallery(pc) -> PickedImage | None:
+    """The test images of one class of the sidebar's collection, as thumbnails; returns the selected image."""
     dataset = current_collection()
-    if dataset not in sources:
+    if dataset not in get_sources():
         st.warning("No dataset or collection is available here; upload an image instead.")
         return None
-    linked = st.session_state.get("clip_linked")
-    if linked:
-        picked = _from_dataset(pc, *linked)
-        if st.button("Choose another image", key="clip_unlink"):
-            st.session_state.pop("clip_linked", None)
-            if "image" in st.query_params:
-                del st.query_params["image"]
-            st.rerun()
-        return picked
     rows = get_manifest(dataset)
     test = rows[rows["split"] == "test"]
-    classes = sorted(test["class"].unique())
+    if test.empty:
+        st.info(md_text(f"{dataset} has no test images to show; upload an image instead."))
+        return picker.selection(KEYS, pc.size, display_px=DISPLAY_PX)
     held = set(pc.heldout)
-    c1, c2 = st.columns([3, 1])
-    cls = c1.selectbox("Class (test images, never used in training)", classes, key="clip_class",
+    classes = sorted(test["class"].unique())
+    cls = st.selectbox("Class (test images, never used in training)", classes, key="clip_class",
                        format_func=lambda c: f"{c}  — held out of CLIP training" if c in held else c)
     sub = test[test["class"] == cls].sort_values("relpath")
-    i = c2.number_input(f"Image (1–{len(sub)})", 1, max(1, len(sub)), 1, key=f"clip_idx_{cls}") - 1
-    return _from_dataset(pc, dataset, sub.iloc[int(i)]["relpath"])
+    picker.thumbnails(KEYS, dataset, gallery_sample(sub, picker.gallery_seed(KEYS)))
+    return picker.selection(KEYS, pc.size, display_px=DISPLAY_PX)
+
+
+def _uploads(pc) -> PickedImage | None:
+    good = picker.uploads(KEYS, pc.size, prompt="Upload a plankton image to explain it.", display_px=DISPLAY_PX)
+    img = picker.choose_upload(KEYS, good)
+    for note in img.notes if img else ():
+        st.caption(md_text(f"Note: {note}."))
+    return img
 
 
 # --- sections -----------------------------------------------------------------------------------
@@ -158,7 +114,7 @@ def _contrast_chart(df: pd.DataFrame, a: str, b: str) -> go.Figure:
     return fig
 
 
-def _ranked_section(pc, img: Picked, mkey: str) -> None:
+def _ranked_section(pc, img: PickedImage, mkey: str) -> None:
     ranked = _ranked(mkey, img.key, pc, img.fg)
     c1, c2 = st.columns([3, 1])
     kinds = c1.multiselect("Prompt kinds", list(KIND_LABELS), default=list(KIND_LABELS), key="clip_kinds",
@@ -177,7 +133,7 @@ def _ranked_section(pc, img: Picked, mkey: str) -> None:
                "taxon, curated morphological descriptors of living taxa, descriptors of non-living particles).")
 
 
-def _contrast_section(pc, img: Picked, scores: pd.DataFrame) -> None:
+def _contrast_section(pc, img: PickedImage, scores: pd.DataFrame) -> None:
     classes = scores["class"].tolist()
     c1, c2 = st.columns(2)
     a = c1.selectbox("Why A…", classes, index=0, key=f"clip_a_{img.key}")
@@ -196,7 +152,7 @@ def _contrast_section(pc, img: Picked, scores: pd.DataFrame) -> None:
                f"{md_text(b)}; grey: prompts both share (their effect nearly cancels).")
 
 
-def _prompt_section(pc, img: Picked, mkey: str) -> None:
+def _prompt_section(pc, img: PickedImage, mkey: str) -> None:
     text = st.text_input("Type any prompt", "transparent body with long thin spines", key="clip_prompt", max_chars=xc.MAX_PROMPT_CHARS)
     try:
         res = xc.prompt_score(pc, img.fg, text)
@@ -274,8 +230,8 @@ def main() -> None:
         return
     names = [m["name"] for m in models]
     current = st.session_state.get(CLIP_KEY)
-    if current not in names and st.session_state.get(MODEL_KEY) in names:
-        current = st.session_state[MODEL_KEY]  # a CLIP model picked as the app's model
+    if current not in names and st.session_state.get(state.MODEL) in names:
+        current = st.session_state[state.MODEL]  # a CLIP model picked as the app's model
     default = current if current in names else (xc.DEFAULT_CLIP if xc.DEFAULT_CLIP in names else names[0])
     name = st.sidebar.selectbox("CLIP model", names, index=names.index(default), key=CLIP_KEY,
                                 help="CLIP models of the zoo (kind “clip”).")
@@ -287,7 +243,7 @@ def main() -> None:
         return
     mkey = lm.key
 
-    img = _pick(pc, man)
+    img = picker.pick(KEYS, lambda: _gallery(pc), lambda: _uploads(pc))
     if img is None:
         return
 

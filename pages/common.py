@@ -18,17 +18,17 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import streamlit as st
-from PIL import Image
 
-from data.decode import ImageDecodeError, decode_image, fit_square, keeps_colour, load_for_model
+from data.decode import ImageDecodeError, decode_image, fit_square
 from data.folders import UNLABELLED
 from data.manifest import build_manifest
 from data.sources import DatasetNotFound, Source, available_sources, open_source
 from models.checkpoint import CheckpointError
 from models.handle import LensModel, open_model
 from models.zoo import CLASSIFIER_KINDS, default_model_name, list_models, model_names
+from pages import state
 
-MODEL_KEY = "model_name"
+MODEL_KEY = state.MODEL
 
 #: Every ASCII punctuation character: CommonMark lets a backslash escape each of them, and
 #: Markdown, GFM, math or Streamlit's ``:directives:`` and ``:material/icons:`` give most a meaning.
@@ -157,19 +157,19 @@ def model_picker() -> str | None:
     if current not in names:
         current = default_model_name() or names[0]
     linked = st.query_params.get("model")
-    if linked in names and st.session_state.get("_model_linked") != linked:
-        st.session_state["_model_linked"] = linked
+    if linked in names and st.session_state.get(state.MODEL_LINKED) != linked:
+        st.session_state[state.MODEL_LINKED] = linked
         current = linked
-        st.session_state["_model_select"] = linked
+        st.session_state[state.MODEL_WIDGET] = linked
     st.session_state[MODEL_KEY] = st.sidebar.selectbox(
-        "Model", names, index=names.index(current), key="_model_select",
+        "Model", names, index=names.index(current), key=state.MODEL_WIDGET,
         format_func=lambda n: f"{n} (CLIP)" if n in clip else n,
         help="Models of the zoo (models/zoo); every page uses the one chosen here. A CLIP model classifies an "
              "image by its similarity to each class's text prompts.")
     return st.session_state[MODEL_KEY]
 
 
-COLLECTION_KEY = "collection"
+COLLECTION_KEY = state.COLLECTION
 
 
 def collection_picker() -> str | None:
@@ -186,12 +186,12 @@ def collection_picker() -> str | None:
         current = own if own in names else names[0]
     sources = get_sources()
     linked = st.query_params.get("collection")  # a deep link (?collection=NAME): only a known name is taken
-    if linked in names and st.session_state.get("_collection_linked") != linked:
-        st.session_state["_collection_linked"] = linked
+    if linked in names and st.session_state.get(state.COLLECTION_LINKED) != linked:
+        st.session_state[state.COLLECTION_LINKED] = linked
         current = linked
-        st.session_state["_collection_select"] = linked
+        st.session_state[state.COLLECTION_WIDGET] = linked
     st.session_state[COLLECTION_KEY] = st.sidebar.selectbox(
-        "Images", names, index=names.index(current), key="_collection_select",
+        "Images", names, index=names.index(current), key=state.COLLECTION_WIDGET,
         format_func=lambda n: f"{n} (sample)" if sources[n].sample else n,
         help="The collection whose images the galleries show: NDSB, ZooLake, or one of your own (add it on the "
              "Home page or with python -m data add NAME PATH).")
@@ -219,20 +219,7 @@ def current_model() -> LensModel | None:
         return None
 
 
-# --- dataset images decoded for a model (Classify & explain, CLIP explanations) -------------------
-@dataclass
-class DatasetImage:
-    """A dataset image as a model sees it, with a display copy and its true class."""
-
-    key: str  # stable id: sha1 of the model input (see image_key)
-    link: str  # "<dataset>:<relative path>", the pages' ``?image=`` deep-link value
-    fg: np.ndarray  # uint8 model input (S, S), foreground polarity
-    display: Image.Image  # square RGB image in its original polarity
-    notes: tuple[str, ...]  # decoding notes
-    truth: str | None  # true leaf class (a validated label); None for an unlabelled image
-    annotation: str | None = None  # a collection's own label that is not ground truth, e.g. "EcoTaxa's prediction: X"
-
-
+# --- dataset images (pages.image_picker decodes them for a model) ------------------------------------
 def image_key(fg: np.ndarray) -> str:
     """A short stable id of a decoded image (keys the pages' caches)."""
     return hashlib.sha1(np.ascontiguousarray(fg).tobytes()).hexdigest()[:16]
@@ -242,32 +229,6 @@ def image_key(fg: np.ndarray) -> str:
 def read_image_bytes(dataset: str, relpath: str) -> bytes:
     """The raw bytes of a dataset image (cached)."""
     return get_source(dataset).read_bytes(relpath)
-
-
-def load_dataset_image(dataset: str, relpath: str, size: int, display_px: int = 256,
-                       preprocessing: dict | None = None) -> DatasetImage | None:
-    """Decode a dataset image at the model's input ``size`` (in colour when the model's
-    ``preprocessing`` keeps it, :func:`data.decode.keeps_colour`), or show why it cannot be (None)."""
-    sources = get_sources()
-    if dataset not in sources:
-        st.error(md_text(f"The dataset {dataset!r} is not available here (known: {', '.join(sources) or 'none'})."))
-        return None
-    man = get_manifest(dataset)
-    row = man.loc[man["relpath"] == relpath]
-    if row.empty:
-        st.error(md_text(f"There is no image {relpath!r} in the {dataset} dataset."))
-        return None
-    src = sources[dataset]
-    try:
-        fg, dec, _ = load_for_model(read_image_bytes(dataset, relpath), int(size), mode=src.mode, background=src.background,
-                                    colour=keeps_colour(preprocessing or {}, src.mode))
-    except (ImageDecodeError, FileNotFoundError) as e:
-        st.error(md_text(f"{relpath}: {getattr(e, 'message', e)}"))
-        return None
-    disp = fit_square(dec.image, display_px, src.background).convert("RGB")
-    cls = str(row.iloc[0]["class"])
-    return DatasetImage(image_key(fg), f"{dataset}:{relpath}", fg, disp, tuple(dec.notes),
-                        None if cls == UNLABELLED else cls, collection_annotation(dataset, relpath))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -375,6 +336,7 @@ def warm_first_explanation(name: str) -> bool:
     from explain.predict import predict
     from explain.saliency import is_signed
     from models.base import images_to_tensor
+    from pages.image_picker import open_image
 
     lm = open_model(name)
     model, manifest = lm.classifier, lm.manifest
@@ -385,8 +347,8 @@ def warm_first_explanation(name: str) -> bool:
     shown = gallery_sample(man[man["split"] == "test"], 0)
     for rel in shown["relpath"]:
         thumbnail(dataset, rel)
-    if shown.empty or (img := load_dataset_image(dataset, shown.iloc[0]["relpath"], model.preprocessing["size"], DISPLAY_PX,
-                                                 model.preprocessing)) is None:
+    if shown.empty or (img := open_image(dataset, shown.iloc[0]["relpath"], model.preprocessing["size"], DISPLAY_PX,
+                                         model.preprocessing)) is None:
         return False
     model.eval()
     mkey = lm.key

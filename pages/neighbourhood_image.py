@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from data.decode import MAX_ASPECT, ImageDecodeError, fit_square, keeps_colour, load_for_model
+from data.decode import keeps_colour
 from data.folders import UNLABELLED
 from explain.embeddings import compute_embeddings
 from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neighbour_vote
@@ -18,8 +18,12 @@ from explain.projection import TableMap, approximate_place, place, sample_index,
 from explain.score import gallery_ids
 from pages.common import (COMPUTE_LOCK, ScoredView, collection_annotation, get_sources, md_text, model_dataset_problem,
                           score_label, thumbnail)
+from pages.image_picker import UploadError, decode_upload
+from pages.state import key
 
-SEL_KEY = "nb_selected"  # ("image", collection, relpath) or ("upload", file name)
+SEL_KEY = key("neighbourhoods", "selected")  # ("image", collection, relpath) or ("upload", file name)
+UPLOAD_ID, UPLOAD_BYTES = key("neighbourhoods", "upload_id"), key("neighbourhoods", "upload_bytes")  # the last upload
+UPLOAD_PLACED = key("neighbourhoods", "upload_placed")  # its embedding and map position
 THUMB = 96
 EXACT, APPROX = "UMAP transform", "nearest collection images"
 
@@ -176,34 +180,38 @@ def image_panel(view: ScoredView, g: Gallery | None, r: int, k: int, keep: float
         neighbour_panel(g, emb, k, own if own >= 0 else None, truth, pred)
 
 
+def _upload_name() -> str:
+    sel = st.session_state.get(SEL_KEY)
+    return str(sel[1]) if sel and sel[0] == "upload" else "upload"
+
+
 def upload(view: ScoredView, m: TableMap | None) -> dict | None:
     """The upload's embedding, display image and map position (``how``: :data:`EXACT` once the
     fitted UMAP is ready, else :data:`APPROX`, at its nearest fitted collection images), or
-    ``{"error": message}`` for a file that is not an image. Embedded once per upload and model."""
-    data, fid = st.session_state.get("nb_upload_bytes"), st.session_state.get("nb_upload_id")
+    ``{"error": Markdown}`` for a file that is not an image. Embedded once per upload and model."""
+    data, fid = st.session_state.get(UPLOAD_BYTES), st.session_state.get(UPLOAD_ID)
     if data is None:
         return None
     key = (fid, view.lm.key, str(view.scored.folder), m.key if m else None)
-    got = st.session_state.get("nb_upload_placed")
+    got = st.session_state.get(UPLOAD_PLACED)
     if not got or got["key"] != key:
         model = view.lm.classifier
         try:
-            fg, _, square = load_for_model(data, int(model.preprocessing["size"]), mode="L", max_aspect=MAX_ASPECT,
-                                           colour=keeps_colour(model.preprocessing))
-        except ImageDecodeError as e:
-            got = {"key": key, "error": e.message}
+            img = decode_upload(_upload_name(), data, int(model.preprocessing["size"]), keeps_colour(model.preprocessing),
+                                display_px=160)
+        except UploadError as e:
+            got = {"key": key, "error": e.markdown}
         else:
             with COMPUTE_LOCK:
-                emb = compute_embeddings(model, fg[None])[0]
-            got = {"key": key, "emb": emb, "how": None, "xy": None,
-                   "display": np.asarray(fit_square(square, 160, 255).convert("RGB"))}
+                emb = compute_embeddings(model, img.fg[None])[0]
+            got = {"key": key, "emb": emb, "how": None, "xy": None, "display": np.asarray(img.display)}
             if m is not None:
                 index = sample_index_of(str(view.scored.folder), m.key, view.scored, m)
                 got.update(how=APPROX, xy=approximate_place(m, index, emb[None]))
-        st.session_state["nb_upload_placed"] = got
+        st.session_state[UPLOAD_PLACED] = got
     if m is not None and "emb" in got and got["how"] == APPROX and reducer(m).done():
         got = {**got, "xy": place(reducer(m).result(), got["emb"][None]), "how": EXACT}
-        st.session_state["nb_upload_placed"] = got
+        st.session_state[UPLOAD_PLACED] = got
     return got
 
 
@@ -211,7 +219,7 @@ def upload(view: ScoredView, m: TableMap | None) -> dict | None:
 def await_exact_placement(path: str, stamp: int) -> None:
     """While an upload shows its approximate placement, check every 2 s whether UMAP is ready,
     and then rerun the page so the star moves to the exact placement."""
-    got = st.session_state.get("nb_upload_placed")
+    got = st.session_state.get(UPLOAD_PLACED)
     if got and got.get("how") == APPROX and reducer_future(path, stamp).done():
         st.rerun()
 
@@ -222,7 +230,7 @@ def upload_panel(view: ScoredView, g: Gallery | None, m: TableMap | None, name: 
     if up is None:
         return
     if "error" in up:
-        st.error(md_text(f"{name}: {up['error']}"))
+        st.error(up["error"], icon=":material/broken_image:")
         return
     left, right = st.columns([1, 3])
     with left:

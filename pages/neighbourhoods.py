@@ -24,19 +24,14 @@ from explain.projection import MAP_MIN, TableMap, mappable, read_map, table_map
 from explain.score import reference_limit
 from pages.common import (ScoredView, current_collection, gallery, get_sources, md_text, run_page, score_label,
                           scored_collection)
-from pages.neighbourhood_image import (EXACT, SEL_KEY, labelled, reducer, rows_by_path, score_columns,
-                                       selected_panel, threshold, upload)
+from pages.state import key
+from pages.image_picker import malformed_link_message, parse_link, upload_widget
+from pages.neighbourhood_image import (EXACT, SEL_KEY, UPLOAD_BYTES, UPLOAD_ID, labelled, reducer, rows_by_path,
+                                       score_columns, selected_panel, threshold, upload)
 
-LINK_KEY = "nb_last_link"
-REGION_KEY = "nb_region"  # (model key, collection, region) of the zoomed density map
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "tif", "tiff", "bmp"]
+LINK_KEY = key("neighbourhoods", "last_link")  # the ?image= value already taken
+REGION_KEY = key("neighbourhoods", "region")  # (model key, collection, region) of the zoomed density map
 MAP_WAIT_S = 30.0  # the page waits this long for a map being built, then follows it in the background
-
-
-def parse_link(value: str) -> tuple[str, str] | None:
-    """``<collection>:<relative path>`` → (collection, relpath), else None."""
-    ds, sep, rel = (value or "").strip().partition(":")
-    return (ds, rel) if sep and ds and rel else None
 
 
 # --- the map, built once per table in the background ------------------------------------------------
@@ -169,10 +164,11 @@ def _take_link() -> str | None:
     st.session_state[LINK_KEY] = link
     parsed = parse_link(link)
     if parsed is None:
-        return f"The link {md_text('?image=' + link, code=True)} is not of the form `?image=<collection>:<relative path>`."
-    st.session_state[SEL_KEY] = ("image", *parsed)
-    if parsed[0] != current_collection() and parsed[0] in get_sources() and st.query_params.get("collection") != parsed[0]:
-        st.query_params["collection"] = parsed[0]  # the sidebar's picker takes it on the rerun
+        return malformed_link_message(link)
+    st.session_state[SEL_KEY] = ("image", parsed.collection, parsed.relpath)
+    coll = parsed.collection
+    if coll != current_collection() and coll in get_sources() and st.query_params.get("collection") != coll:
+        st.query_params["collection"] = coll  # the sidebar's picker takes it on the rerun
         st.rerun()
     return None
 
@@ -187,7 +183,7 @@ def _take_path(view: ScoredView, path: str) -> None:
         st.error(f"Write the image as `<collection>:<relative path>`, e.g. {md_text(example, code=True)} "
                  f"(not {md_text(path, code=True)}).")
     else:
-        st.session_state[SEL_KEY] = ("image", *parsed)
+        st.session_state[SEL_KEY] = ("image", parsed.collection, parsed.relpath)
 
 
 def _take_selection(view: ScoredView, event, kind: str, full) -> list[int]:
@@ -245,11 +241,11 @@ def main() -> None:
     with p[1]:
         path = st.text_input("Image path", key="nb_path", placeholder=f"{view.collection}:<relative path>",
                              help="An image of the sidebar's collection as <collection>:<relative path>.")
-        up = st.file_uploader("…or upload an image", type=UPLOAD_TYPES, key="nb_upload")
+        up = upload_widget("…or upload an image", key="nb_upload")
     _take_path(view, path)
-    if up is not None and st.session_state.get("nb_upload_id") != up.file_id:
-        st.session_state["nb_upload_id"] = up.file_id
-        st.session_state["nb_upload_bytes"] = up.getvalue()
+    if up is not None and st.session_state.get(UPLOAD_ID) != up.file_id:
+        st.session_state[UPLOAD_ID] = up.file_id
+        st.session_state[UPLOAD_BYTES] = up.getvalue()
         st.session_state[SEL_KEY] = ("upload", up.name)
 
     ids: list[int] = []
