@@ -67,13 +67,13 @@ def results_table(reports: list[dict]) -> str:
 
 def learning_curves(names: list[str]) -> str:
     """Validation accuracy per epoch (from the training history in each manifest), as a table."""
-    from .zoo import _manifest_paths
     from .checkpoint import read_manifest
+    from .zoo import manifest_path
 
     rows = ["| model | epoch | train loss | val acc living | group | subgroup | class | val log loss | elapsed (s) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for n in names:
-        m = read_manifest(_manifest_paths()[n])
+        m = read_manifest(manifest_path(n))
         for h in m.get("history", []):
             a = h["val_accuracy"]
             rows.append(f"| {n} | {h['epoch']} | {h['train_loss']:.3f} | " + " | ".join(f"{100 * a[k]:.1f}" for k in a)
