@@ -39,5 +39,6 @@ with st.sidebar:
     st.markdown("### Plankton Lens")
     model_picker()
     collection_picker()
-    sidebar_scoring_status()
 nav.run()
+with st.sidebar:  # after the page: on a fresh install knowing the status builds the dataset's index
+    sidebar_scoring_status()
