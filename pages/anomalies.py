@@ -106,6 +106,42 @@ def _robust_range(values: list[np.ndarray]) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _hist(v: np.ndarray, lo: float, hi: float, nbins: int, **bar) -> go.Bar:
+    """A probability-density histogram of ``v`` clipped to [lo, hi], binned here: a million
+    scores would otherwise travel to the browser (12 MB of JSON per set) and be binned there."""
+    v = np.clip(v[np.isfinite(v)], lo, hi)
+    dens, edges = np.histogram(v, bins=nbins, range=(lo, hi), density=len(v) > 0)
+    return go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=dens, width=float(edges[1] - edges[0]),
+                  customdata=np.c_[edges[:-1], edges[1:]],
+                  hovertemplate="%{customdata[0]:.4g} – %{customdata[1]:.4g}<br>density %{y:.3g}<extra>%{fullData.name}</extra>",
+                  **bar)
+
+
+def _top(sets: dict[str, pd.DataFrame], names: list[str], col: str, n: int) -> pd.DataFrame:
+    """The ``n`` highest-scoring images of the sets ``names`` (ties: the set order, then the table
+    order), with their set in ``_set``: the few candidates are found on the score column alone."""
+    parts = []
+    for name in names:
+        v = sets[name][col].to_numpy(np.float64)
+        v = np.where(np.isnan(v), -np.inf, v)
+        k = min(n, len(v))
+        if k == 0:
+            continue
+        cut = np.partition(v, len(v) - k)[len(v) - k]  # the k-th largest; every tie with it is kept
+        parts.append(sets[name].iloc[np.flatnonzero(v >= cut)].assign(_set=name))
+    if not parts:
+        return sets[names[0]].iloc[:0].assign(_set=names[0])
+    return pd.concat(parts).sort_values(col, ascending=False, kind="stable").head(n)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _separation(folder: str, stamp: int, col: str, known: str, ref: str, _known_s: np.ndarray,
+                _ref_s: np.ndarray) -> tuple[float, float]:
+    """AUROC and FPR at the configured TPR of ``ref`` against ``known`` on score ``col`` (they do
+    not depend on the slider: once per table, score and reference set)."""
+    return auroc(_known_s, _ref_s), fpr_at_tpr(_known_s, _ref_s)
+
+
 def _page_link(page: str, label: str, link: str | None) -> None:
     if not link or not (ROOT / page).exists():
         return
@@ -181,12 +217,13 @@ def main() -> None:
     m = st.columns(4)
     m[0].metric("TPR (known images kept)", f"{r['tpr']:.1%}")
     m[1].metric(f"FPR ({ref} kept)", f"{r['fpr']:.1%}")
-    m[2].metric(f"AUROC ({ref})", f"{auroc(known_s, ref_s):.3f}")
-    m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{fpr_at_tpr(known_s, ref_s):.1%}")
+    folder = view.scored.folder
+    a_u, f_t = _separation(str(folder), (folder / "meta.json").stat().st_mtime_ns, col, known_name, ref, known_s, ref_s)
+    m[2].metric(f"AUROC ({ref})", f"{a_u:.3f}")
+    m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{f_t:.1%}")
 
     # the collection's most anomalous images; the selection (gallery buttons set it)
-    pool = pd.concat([sets[n].assign(_set=n) for n in coll_sets])
-    top = pool.sort_values(col, ascending=False, kind="stable").head(GALLERY_N)
+    top = _top(sets, coll_sets, col, GALLERY_N)
     sel = st.session_state.get(SEL_KEY)
     if not (sel and sel[0] == lm.key and sel[1] == view.collection and sel[2] in view.table.index):
         sel = (lm.key, view.collection, int(top.index[0]))
@@ -197,13 +234,12 @@ def main() -> None:
     for n in shown:
         if n not in s:
             continue
-        v = np.clip(s[n][np.isfinite(s[n])], lo, hi)
-        fig.add_trace(go.Histogram(x=v, name=f"{n} ({len(v):,})", histnorm="probability density", opacity=0.55,
-                                   nbinsx=60, marker_color=colours[n]))
+        fig.add_trace(_hist(s[n], lo, hi, 60, name=f"{n} ({int(np.isfinite(s[n]).sum()):,})", opacity=0.55,
+                            marker_color=colours[n]))
     fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="threshold", annotation_position="top left")
     fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
                   annotation_position="top right")
-    fig.update_layout(barmode="overlay", height=380, margin=dict(t=30, l=10, r=10, b=10),
+    fig.update_layout(barmode="overlay", bargap=0, height=380, margin=dict(t=30, l=10, r=10, b=10),
                       xaxis_title=scores[score] + (f" · {level}" if is_logit else ""), yaxis_title="density",
                       legend=dict(orientation="h", y=-0.25))
     st.plotly_chart(fig, key="ood_hist")
@@ -218,10 +254,9 @@ def main() -> None:
                 vals = {n: sets[n][c_].to_numpy(np.float64) for n in shown if c_ in sets[n]}
                 a, b = _robust_range(list(vals.values()))
                 for n, v in vals.items():
-                    pf.add_trace(go.Histogram(x=np.clip(v[np.isfinite(v)], a, max(b, a + 1e-6)), histnorm="probability density",
-                                              opacity=0.55, nbinsx=40, marker_color=colours[n], name=n, showlegend=j == 1,
-                                              legendgroup=n), 1, j)
-            pf.update_layout(barmode="overlay", height=300, margin=dict(t=30, l=10, r=10, b=10),
+                    pf.add_trace(_hist(v, a, max(b, a + 1e-6), 40, opacity=0.55, marker_color=colours[n], name=n,
+                                       showlegend=j == 1, legendgroup=n), 1, j)
+            pf.update_layout(barmode="overlay", bargap=0, height=300, margin=dict(t=30, l=10, r=10, b=10),
                              legend=dict(orientation="h", y=-0.3))
             st.plotly_chart(pf, key="ood_levels")
 
