@@ -89,9 +89,11 @@ def synthetic(scored, rows: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarra
     return df, emb, src
 
 
-def install(scored, folder: Path, df: pd.DataFrame, emb: np.ndarray, src: np.ndarray, seed: int = 0) -> dict:
+def install(scored, folder: Path, df: pd.DataFrame, emb: np.ndarray, src: np.ndarray, seed: int = 0,
+            with_map: bool = True) -> dict:
     """Write the synthetic table into ``folder`` (the collection's scored-table folder), with a
-    synthetic map; ``meta.json`` last (it marks the table complete)."""
+    synthetic map (``with_map``); ``meta.json`` last (it marks the table complete). ``scored``'s
+    posteriors are read from its folder, which must not be ``folder``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -111,6 +113,10 @@ def install(scored, folder: Path, df: pd.DataFrame, emb: np.ndarray, src: np.nda
         out.flush()
         del out
         os.replace(folder / f"proba_{lvl}.npy.tmp", folder / f"proba_{lvl}.npy")
+    if not with_map:
+        meta["synthetic_rows"], meta["created"] = len(df), time.time()
+        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        return {"rows": len(df), "sources": int(len(np.unique(src))), "map_s": 0.0}
     # the map: UMAP fitted on the source images, each copy at its source's place plus noise
     rng = np.random.default_rng(seed + 1)
     t0 = time.perf_counter()

@@ -117,6 +117,26 @@ def _hist(v: np.ndarray, lo: float, hi: float, nbins: int, **bar) -> go.Bar:
                   **bar)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def _binned(folder: str, stamp: int, key: tuple, lo: float, hi: float, nbins: int, _v: np.ndarray) -> go.Bar:
+    """:func:`_hist` of one set's scores (``key``: what ``_v`` is: model, set, column), once per
+    table, set, column and range: the slider does not change it."""
+    return _hist(_v, lo, hi, nbins)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _range(folder: str, stamp: int, key: tuple, _values: list[np.ndarray]) -> tuple[float, float]:
+    """:func:`_robust_range` of ``_values`` (``key``: which sets and columns they are), once per table."""
+    return _robust_range(_values)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _top_cached(folder: str, stamp: int, key: tuple, col: str, n: int, _sets: dict[str, pd.DataFrame],
+                names: list[str]) -> pd.DataFrame:
+    """:func:`_top`, once per table, model, score column and sets (not per threshold)."""
+    return _top(_sets, names, col, n)
+
+
 def _top(sets: dict[str, pd.DataFrame], names: list[str], col: str, n: int) -> pd.DataFrame:
     """The ``n`` highest-scoring images of the sets ``names`` (ties: the set order, then the table
     order), with their set in ``_set``: the few candidates are found on the score column alone."""
@@ -206,7 +226,10 @@ def main() -> None:
     known_name = VAL if VAL in s else coll_sets[0]
     known_s, ref_s = s[known_name], s[ref]
     thr95 = float(view.scored.thresholds.get(col, np.nanquantile(known_s, CONFIG["tpr"], method="higher")))
-    lo, hi = _robust_range([s[n] for n in shown if n in s] + [known_s, ref_s])
+    folder = view.scored.folder
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    lo, hi = _range(str(folder), stamp, (lm.key, view.collection, col, tuple(n for n in shown if n in s), known_name, ref),
+                    [s[n] for n in shown if n in s] + [known_s, ref_s])
     lo, hi = min(lo, thr95), max(hi, thr95)
     if hi <= lo:
         hi = lo + 1e-6
@@ -217,13 +240,12 @@ def main() -> None:
     m = st.columns(4)
     m[0].metric("TPR (known images kept)", f"{r['tpr']:.1%}")
     m[1].metric(f"FPR ({ref} kept)", f"{r['fpr']:.1%}")
-    folder = view.scored.folder
-    a_u, f_t = _separation(str(folder), (folder / "meta.json").stat().st_mtime_ns, col, known_name, ref, known_s, ref_s)
+    a_u, f_t = _separation(str(folder), stamp, col, known_name, ref, known_s, ref_s)
     m[2].metric(f"AUROC ({ref})", f"{a_u:.3f}")
     m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{f_t:.1%}")
 
     # the collection's most anomalous images; the selection (gallery buttons set it)
-    top = _top(sets, coll_sets, col, GALLERY_N)
+    top = _top_cached(str(folder), stamp, (lm.key, view.collection), col, GALLERY_N, sets, coll_sets)
     sel = st.session_state.get(SEL_KEY)
     if not (sel and sel[0] == lm.key and sel[1] == view.collection and sel[2] in view.table.index):
         sel = (lm.key, view.collection, int(top.index[0]))
@@ -234,8 +256,8 @@ def main() -> None:
     for n in shown:
         if n not in s:
             continue
-        fig.add_trace(_hist(s[n], lo, hi, 60, name=f"{n} ({int(np.isfinite(s[n]).sum()):,})", opacity=0.55,
-                            marker_color=colours[n]))
+        bar = _binned(str(folder), stamp, (lm.key, view.collection, n, col), lo, hi, 60, s[n])
+        fig.add_trace(bar.update(name=f"{n} ({int(np.isfinite(s[n]).sum()):,})", opacity=0.55, marker_color=colours[n]))
     fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="threshold", annotation_position="top left")
     fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
                   annotation_position="top right")
@@ -252,10 +274,11 @@ def main() -> None:
             for j, lvl in enumerate(levels, 1):
                 c_ = column(score, lvl)
                 vals = {n: sets[n][c_].to_numpy(np.float64) for n in shown if c_ in sets[n]}
-                a, b = _robust_range(list(vals.values()))
+                a, b = _range(str(folder), stamp, (lm.key, view.collection, c_, tuple(vals)), list(vals.values()))
                 for n, v in vals.items():
-                    pf.add_trace(_hist(v, a, max(b, a + 1e-6), 40, opacity=0.55, marker_color=colours[n], name=n,
-                                       showlegend=j == 1, legendgroup=n), 1, j)
+                    bar = _binned(str(folder), stamp, (lm.key, view.collection, n, c_), a, max(b, a + 1e-6), 40, v)
+                    pf.add_trace(bar.update(opacity=0.55, marker_color=colours[n], name=n, showlegend=j == 1,
+                                            legendgroup=n), 1, j)
             pf.update_layout(barmode="overlay", bargap=0, height=300, margin=dict(t=30, l=10, r=10, b=10),
                              legend=dict(orientation="h", y=-0.3))
             st.plotly_chart(pf, key="ood_levels")
