@@ -106,6 +106,62 @@ def _robust_range(values: list[np.ndarray]) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def _hist(v: np.ndarray, lo: float, hi: float, nbins: int, **bar) -> go.Bar:
+    """A probability-density histogram of ``v`` clipped to [lo, hi], binned here: a million
+    scores would otherwise travel to the browser (12 MB of JSON per set) and be binned there."""
+    v = np.clip(v[np.isfinite(v)], lo, hi)
+    dens, edges = np.histogram(v, bins=nbins, range=(lo, hi), density=len(v) > 0)
+    return go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=dens, width=float(edges[1] - edges[0]),
+                  customdata=np.c_[edges[:-1], edges[1:]],
+                  hovertemplate="%{customdata[0]:.4g} – %{customdata[1]:.4g}<br>density %{y:.3g}<extra>%{fullData.name}</extra>",
+                  **bar)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _binned(folder: str, stamp: int, key: tuple, lo: float, hi: float, nbins: int, _v: np.ndarray) -> go.Bar:
+    """:func:`_hist` of one set's scores (``key``: what ``_v`` is: model, set, column), once per
+    table, set, column and range: the slider does not change it."""
+    return _hist(_v, lo, hi, nbins)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _range(folder: str, stamp: int, key: tuple, _values: list[np.ndarray]) -> tuple[float, float]:
+    """:func:`_robust_range` of ``_values`` (``key``: which sets and columns they are), once per table."""
+    return _robust_range(_values)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _top_cached(folder: str, stamp: int, key: tuple, col: str, n: int, _sets: dict[str, pd.DataFrame],
+                names: list[str]) -> pd.DataFrame:
+    """:func:`_top`, once per table, model, score column and sets (not per threshold)."""
+    return _top(_sets, names, col, n)
+
+
+def _top(sets: dict[str, pd.DataFrame], names: list[str], col: str, n: int) -> pd.DataFrame:
+    """The ``n`` highest-scoring images of the sets ``names`` (ties: the set order, then the table
+    order), with their set in ``_set``: the few candidates are found on the score column alone."""
+    parts = []
+    for name in names:
+        v = sets[name][col].to_numpy(np.float64)
+        v = np.where(np.isnan(v), -np.inf, v)
+        k = min(n, len(v))
+        if k == 0:
+            continue
+        cut = np.partition(v, len(v) - k)[len(v) - k]  # the k-th largest; every tie with it is kept
+        parts.append(sets[name].iloc[np.flatnonzero(v >= cut)].assign(_set=name))
+    if not parts:
+        return sets[names[0]].iloc[:0].assign(_set=names[0])
+    return pd.concat(parts).sort_values(col, ascending=False, kind="stable").head(n)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _separation(folder: str, stamp: int, col: str, known: str, ref: str, _known_s: np.ndarray,
+                _ref_s: np.ndarray) -> tuple[float, float]:
+    """AUROC and FPR at the configured TPR of ``ref`` against ``known`` on score ``col`` (they do
+    not depend on the slider: once per table, score and reference set)."""
+    return auroc(_known_s, _ref_s), fpr_at_tpr(_known_s, _ref_s)
+
+
 def _page_link(page: str, label: str, link: str | None) -> None:
     if not link or not (ROOT / page).exists():
         return
@@ -170,7 +226,10 @@ def main() -> None:
     known_name = VAL if VAL in s else coll_sets[0]
     known_s, ref_s = s[known_name], s[ref]
     thr95 = float(view.scored.thresholds.get(col, np.nanquantile(known_s, CONFIG["tpr"], method="higher")))
-    lo, hi = _robust_range([s[n] for n in shown if n in s] + [known_s, ref_s])
+    folder = view.scored.folder
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    lo, hi = _range(str(folder), stamp, (lm.key, view.collection, col, tuple(n for n in shown if n in s), known_name, ref),
+                    [s[n] for n in shown if n in s] + [known_s, ref_s])
     lo, hi = min(lo, thr95), max(hi, thr95)
     if hi <= lo:
         hi = lo + 1e-6
@@ -181,12 +240,12 @@ def main() -> None:
     m = st.columns(4)
     m[0].metric("TPR (known images kept)", f"{r['tpr']:.1%}")
     m[1].metric(f"FPR ({ref} kept)", f"{r['fpr']:.1%}")
-    m[2].metric(f"AUROC ({ref})", f"{auroc(known_s, ref_s):.3f}")
-    m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{fpr_at_tpr(known_s, ref_s):.1%}")
+    a_u, f_t = _separation(str(folder), stamp, col, known_name, ref, known_s, ref_s)
+    m[2].metric(f"AUROC ({ref})", f"{a_u:.3f}")
+    m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{f_t:.1%}")
 
     # the collection's most anomalous images; the selection (gallery buttons set it)
-    pool = pd.concat([sets[n].assign(_set=n) for n in coll_sets])
-    top = pool.sort_values(col, ascending=False, kind="stable").head(GALLERY_N)
+    top = _top_cached(str(folder), stamp, (lm.key, view.collection), col, GALLERY_N, sets, coll_sets)
     sel = st.session_state.get(SEL_KEY)
     if not (sel and sel[0] == lm.key and sel[1] == view.collection and sel[2] in view.table.index):
         sel = (lm.key, view.collection, int(top.index[0]))
@@ -197,13 +256,12 @@ def main() -> None:
     for n in shown:
         if n not in s:
             continue
-        v = np.clip(s[n][np.isfinite(s[n])], lo, hi)
-        fig.add_trace(go.Histogram(x=v, name=f"{n} ({len(v):,})", histnorm="probability density", opacity=0.55,
-                                   nbinsx=60, marker_color=colours[n]))
+        bar = _binned(str(folder), stamp, (lm.key, view.collection, n, col), lo, hi, 60, s[n])
+        fig.add_trace(bar.update(name=f"{n} ({int(np.isfinite(s[n]).sum()):,})", opacity=0.55, marker_color=colours[n]))
     fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="threshold", annotation_position="top left")
     fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
                   annotation_position="top right")
-    fig.update_layout(barmode="overlay", height=380, margin=dict(t=30, l=10, r=10, b=10),
+    fig.update_layout(barmode="overlay", bargap=0, height=380, margin=dict(t=30, l=10, r=10, b=10),
                       xaxis_title=scores[score] + (f" · {level}" if is_logit else ""), yaxis_title="density",
                       legend=dict(orientation="h", y=-0.25))
     st.plotly_chart(fig, key="ood_hist")
@@ -216,12 +274,12 @@ def main() -> None:
             for j, lvl in enumerate(levels, 1):
                 c_ = column(score, lvl)
                 vals = {n: sets[n][c_].to_numpy(np.float64) for n in shown if c_ in sets[n]}
-                a, b = _robust_range(list(vals.values()))
+                a, b = _range(str(folder), stamp, (lm.key, view.collection, c_, tuple(vals)), list(vals.values()))
                 for n, v in vals.items():
-                    pf.add_trace(go.Histogram(x=np.clip(v[np.isfinite(v)], a, max(b, a + 1e-6)), histnorm="probability density",
-                                              opacity=0.55, nbinsx=40, marker_color=colours[n], name=n, showlegend=j == 1,
-                                              legendgroup=n), 1, j)
-            pf.update_layout(barmode="overlay", height=300, margin=dict(t=30, l=10, r=10, b=10),
+                    bar = _binned(str(folder), stamp, (lm.key, view.collection, n, c_), a, max(b, a + 1e-6), 40, v)
+                    pf.add_trace(bar.update(opacity=0.55, marker_color=colours[n], name=n, showlegend=j == 1,
+                                            legendgroup=n), 1, j)
+            pf.update_layout(barmode="overlay", bargap=0, height=300, margin=dict(t=30, l=10, r=10, b=10),
                              legend=dict(orientation="h", y=-0.3))
             st.plotly_chart(pf, key="ood_levels")
 

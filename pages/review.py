@@ -50,16 +50,46 @@ def review_frame(view: ScoredView) -> pd.DataFrame:
     return df
 
 
+def _with_classes(view: ScoredView, row: pd.Series) -> pd.Series:
+    """One table row with :func:`review_frame`'s ``heldout`` and ``unknown_class``."""
+    row = row.copy()
+    row["heldout"] = row["class"] in set(view.lm.manifest.get("heldout") or [])
+    row["unknown_class"] = row["class"] not in set(view.lm.classifier.class_names[view.levels[-1]]) and row["class"] != "unlabelled"
+    return row
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _flagged(folder: str, stamp: int, model_key: str, rule: tuple, _view: ScoredView) -> pd.DataFrame:
+    """The queue under ``rule`` (kind, only unseen images, the rule's parameters): dataset, relpath,
+    score and reason, indexed by table row, highest first. Once per table and rule (read-only,
+    shared by sessions): on a million images flagging and its reasons take seconds, not a rerun's share."""
+    df = review_frame(_view)
+    kind, unseen, *args = rule
+    base = df[(df["split"] == "test") | df["heldout"]] if unseen else df
+    if kind == "score":
+        hit = flag_by_score(base, *args)
+    elif kind == "inconsistent":
+        hit = flag_inconsistent(base, _view.levels)
+    else:
+        hit = flag_neighbour_disagreement(base, *args)
+    return hit[["dataset", "relpath", "score", "reason"]]
+
+
 # --- parts -----------------------------------------------------------------------------------------
 def _queue(view: ScoredView, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The flagged images under the chosen rule, and a one-line description of the rule."""
+    """The flagged images under the chosen rule (:func:`_flagged`: dataset, relpath, score, reason),
+    and a one-line description of the rule. ``df``: the scored table (read only)."""
     levels = view.levels
     kind = st.radio("Flag images by", list(FLAG_KINDS), format_func=FLAG_KINDS.get, horizontal=True, key="rv_kind")
     own = view.collection == view.lm.dataset
-    base = df
-    if own and st.checkbox("Only images the model never trained on (test split and held-out classes)", value=True,
-                           key="rv_pool"):
-        base = df[(df["split"] == "test") | df["heldout"]]
+    unseen = own and st.checkbox("Only images the model never trained on (test split and held-out classes)", value=True,
+                                 key="rv_pool")
+    folder = view.scored.folder
+    key = (str(folder), (folder / "meta.json").stat().st_mtime_ns, view.lm.key)
+
+    def flagged(*rule) -> pd.DataFrame:
+        return _flagged(*key, (rule[0], bool(unseen), *rule[1:]), view)
+
     if kind == "score":
         c = st.columns([2, 1])
         cols = [c_ for c_ in ["knn_score", *view.scored.meta["score_columns"]] if c_ in df and df[c_].notna().any()]
@@ -71,17 +101,17 @@ def _queue(view: ScoredView, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         ref = val[name].to_numpy(np.float64) if val is not None and name in val else df[name].to_numpy(np.float64)
         thr = float(np.nanquantile(ref, keep / 100, method="higher"))
         where = "the model's validation images" if val is not None else "this collection (the model has no validation images)"
-        return (flag_by_score(base, name, thr, score_label(name, levels)),
+        return (flagged("score", name, thr, score_label(name, levels)),
                 f"{score_label(name, levels)} ≥ {thr:.3f} ({keep:g}th percentile of {where})")
     if kind == "inconsistent":
-        return flag_inconsistent(base, levels), "predictions at adjacent levels not on one taxonomy path"
+        return flagged("inconsistent"), "predictions at adjacent levels not on one taxonomy path"
     if f"vote_{levels[-1]}" not in df:
         st.info("This model has no gallery of known images (no training dataset), so there is no neighbour vote.")
         return df.iloc[:0], "no neighbour vote"
     c = st.columns([1, 2])
     level = c[0].selectbox("Level", list(reversed(levels)), key="rv_level")
     share = c[1].slider("Minimum share of neighbours agreeing", 0.5, 1.0, 0.6, step=0.1, key="rv_share")
-    return flag_neighbour_disagreement(base, level, share), f"{KNN_K} nearest known images outvote the model at {level}"
+    return flagged("neighbours", level, float(share)), f"{KNN_K} nearest known images outvote the model at {level}"
 
 
 def _label_line(row: pd.Series) -> str:
@@ -126,18 +156,29 @@ def _item(row: pd.Series, g: Gallery | None, levels: tuple[str, ...], emb: np.nd
 
 
 def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, opts: list[tuple[str, str]],
-                   levels: tuple[str, ...], session: str) -> bool:
-    """The decision widgets; returns True when a decision was recorded."""
+                   levels: tuple[str, ...], session: str, after: dict) -> None:
+    """The decision widgets. Submitting records the decision in a callback (:func:`_record`), before
+    the page's next run, which then shows the next image: one run per decision, not two."""
     with st.form("rv_form", clear_on_submit=True, border=True):
-        decision = st.radio("Decision", DECISIONS, format_func=DECISION_TEXT.get, horizontal=True, key="rv_decision")
-        pick = st.selectbox("Label (for “Assign a label”)", opts, index=None, key="rv_label",
-                            format_func=lambda o: f"{o[1]}  ·  {o[0]}", placeholder="Type to search the taxonomy…",
-                            help="Any level: a class when sure, a subgroup or group when not.")
-        comment = st.text_area("Comment", key="rv_comment", height=68, placeholder="Optional: what you see")
-        submitted = st.form_submit_button("Record decision", type="primary", icon=":material/check:")
-    if not submitted:
-        return False
-    reviewer = (st.session_state.get("rv_reviewer") or "").strip()
+        st.radio("Decision", DECISIONS, format_func=DECISION_TEXT.get, horizontal=True, key="rv_decision")
+        st.selectbox("Label (for “Assign a label”)", opts, index=None, key="rv_label",
+                     format_func=lambda o: f"{o[1]}  ·  {o[0]}", placeholder="Type to search the taxonomy…",
+                     help="Any level: a class when sure, a subgroup or group when not.")
+        st.text_area("Comment", key="rv_comment", height=68, placeholder="Optional: what you see")
+        st.form_submit_button("Record decision", type="primary", icon=":material/check:", on_click=_record,
+                              args=(row, store, model_name, levels, session, after))
+    err = st.session_state.pop("rv_error", None)
+    if err:
+        st.error(md_text(err))
+
+
+def _record(row: pd.Series, store: ReviewStore, model_name: str, levels: tuple[str, ...], session: str,
+            after: dict) -> None:
+    """Record the submitted decision for ``row`` (the image that was on screen); ``after``: the
+    queue position to move to when reviewed images stay in the queue."""
+    ss = st.session_state
+    decision, pick, comment = ss.get("rv_decision") or DECISIONS[0], ss.get("rv_label"), ss.get("rv_comment")
+    reviewer = (ss.get("rv_reviewer") or "").strip()
     d = Decision(dataset=row["dataset"], relpath=row["relpath"], decision=decision, reviewer=reviewer,
                  label=pick[1] if (pick and decision == "assign_label") else "",
                  label_level=pick[0] if (pick and decision == "assign_label") else "",
@@ -146,10 +187,12 @@ def _decision_form(row: pd.Series, store: ReviewStore, model_name: str, opts: li
     try:
         rid = store.record(d)
     except ReviewError as e:
-        st.error(md_text(e))
-        return False
-    st.session_state["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {md_text(d.label)}" if d.label else "") + f" for {md_text(d.relpath)}."
-    return True
+        ss["rv_error"] = str(e)
+        return
+    ss["rv_last"] = f"Recorded decision #{rid}: {DECISION_TEXT[decision]}" + (f" → {md_text(d.label)}" if d.label else "") + f" for {md_text(d.relpath)}."
+    ss.pop("rv_current", None)
+    if after.get("pos") is not None:
+        ss[POS_KEY] = after["pos"]
 
 
 def _decisions_panel(store: ReviewStore) -> None:
@@ -211,7 +254,7 @@ def main() -> None:
     session = st.session_state.setdefault("rv_session", uuid.uuid4().hex[:12])
     store = ReviewStore()
     st.text_input("Reviewer", key="rv_reviewer", placeholder="Your name (stored with each decision)")
-    df = review_frame(view)
+    df = view.table  # read-only; the queue (its readable images flagged) is cached by _flagged
     g = gallery(model_name, view.lm.sha256, _reference_limit()) if view.lm.dataset else None
     queue, rule = _queue(view, df)
     hide = st.checkbox("Hide images already reviewed", value=True, key="rv_hide")
@@ -220,8 +263,11 @@ def main() -> None:
     if hide and done:
         # The image on screen stays in the queue for this run even when another reviewer decided it
         # meanwhile: a decision submitted for it is recorded, never dropped.
-        mask = [(d, r) not in done or (d, r) == shown for d, r in zip(queue["dataset"], queue["relpath"])]
-        queue = queue[np.asarray(mask, bool)]
+        mask = np.ones(len(queue), bool)
+        near = np.flatnonzero(queue["relpath"].isin({r for _, r in done}).to_numpy())  # few: the pairs checked there
+        mask[near] = [(d, r) not in done or (d, r) == shown
+                      for d, r in zip(queue["dataset"].to_numpy()[near], queue["relpath"].to_numpy()[near])]
+        queue = queue[mask]
     if st.session_state.get("rv_last"):
         st.success(st.session_state.pop("rv_last"), icon=":material/task_alt:")
     if st.session_state.get("rv_undo_msg"):
@@ -240,18 +286,17 @@ def main() -> None:
             st.session_state[POS_KEY] = pos + 1
             st.rerun()
         nav[2].caption(f"Image {pos + 1} of {len(queue):,}")
-        row = queue.iloc[pos]
+        q = queue.iloc[pos]
+        row = _with_classes(view, pd.concat([view.table.loc[queue.index[pos]], q[["score", "reason"]]]))
+        row.name = queue.index[pos]
         st.session_state["rv_current"] = (row["dataset"], row["relpath"])
         if (row["dataset"], row["relpath"]) in done:
             st.info("Another decision was recorded for this image while it was on your screen; yours is added "
                     "beside it (every decision is kept).", icon=":material/group:")
         with st.container(border=True):
             _item(row, g, levels, view.scored.embeddings)
-        if _decision_form(row, store, model_name, _taxonomy_options(view), levels, session):
-            st.session_state.pop("rv_current", None)
-            if not hide:
-                st.session_state[POS_KEY] = min(pos + 1, len(queue) - 1)
-            st.rerun()
+        _decision_form(row, store, model_name, _taxonomy_options(view), levels, session,
+                       {"pos": None if hide else min(pos + 1, len(queue) - 1)})
     if st.button("Undo my last decision", icon=":material/undo:", key="rv_undo"):
         undone = store.undo(session=session)
         st.session_state["rv_undo_msg"] = ("Nothing to undo in this session." if undone is None else
