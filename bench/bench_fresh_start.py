@@ -35,6 +35,24 @@ PROGRESS = ("() => !!document.querySelector('[data-testid=\"stProgress\"], [data
             "[data-testid=\"stAlertContentInfo\"]')")
 
 
+def stop_background_runs(cache: Path) -> int:
+    """Stop the background scoring runs the server started in ``cache`` (they outlive the server
+    by design: a page reload must not stop them); returns how many were stopped."""
+    import signal
+
+    stopped, mark = 0, f"PLANKTON_LENS_CACHE={cache}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if mark in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGTERM)
+                stopped += 1
+        except (OSError, ValueError):
+            continue
+    return stopped
+
+
 def visit(browser, url: str, idle_timeout_s: float) -> dict:
     ctx = browser.new_context(viewport={"width": 1500, "height": 1100})
     try:
@@ -82,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{'  EXCEPTION' if r['exceptions'] else ''}", flush=True)
             finally:
                 browser.close()
+    out["background_runs_stopped"] = stop_background_runs(tmp / "cache")
     out["load_1min_end"] = round(os.getloadavg()[0], 2)
     out["max_first_s"] = max(r["first_s"] for r in out["pages"].values())
     if args.json:
