@@ -34,7 +34,8 @@ def is_image_name(name: str) -> bool:
 @dataclass
 class CollectionSource(Source):
     """A Source over a FileTree: files(), read_bytes(), fingerprint(), taxonomy() plus
-    ``metadata()`` (one row per image, keyed by relpath) and ``problems`` (what was skipped)."""
+    ``metadata()`` (one row per image, keyed by relpath; :meth:`Source.metadata`) and ``problems``
+    (what was skipped)."""
 
     tree: FileTree | None = None
     kind: str = ""
@@ -57,10 +58,6 @@ class CollectionSource(Source):
         p = Problem(relpath, kind, message)
         if p not in self.problems:
             self.problems.append(p)
-
-    def metadata(self) -> pd.DataFrame:
-        """One row per image of files(), columns :data:`META_COLUMNS` (:func:`files_metadata`)."""
-        return files_metadata(self.files())
 
     def _build_taxonomy(self) -> Taxonomy:
         classes = sorted({c for _, c in self.files()})

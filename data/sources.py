@@ -12,10 +12,14 @@ import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .decode import Background
 from .paths import datasets_root
 from .taxonomy import Taxonomy, load_taxonomy, taxonomy_from_paths
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -39,6 +43,7 @@ class Source:
     _local: threading.local = field(default_factory=threading.local, repr=False)
     _files: list[tuple[str, str]] | None = field(default=None, repr=False)
     _taxonomy: Taxonomy | None = field(default=None, repr=False)
+    _metadata: "pd.DataFrame | None" = field(default=None, repr=False)
 
     @property
     def is_zip(self) -> bool:
@@ -105,10 +110,13 @@ class Source:
 
     def metadata(self) -> "pd.DataFrame":
         """One row per image (:data:`data.folders.META_COLUMNS`): object id, the class as a validated
-        category and, where the file names carry it (ZooLake), the acquisition time in UTC."""
+        category and, where the file names carry it (ZooLake), the acquisition time in UTC.
+        Computed once per source (every page run's status check reads it); a copy is returned."""
         from .folders import files_metadata
 
-        return files_metadata(self.files())
+        if self._metadata is None:
+            self._metadata = files_metadata(self.files())
+        return self._metadata.copy()
 
     def taxonomy(self) -> Taxonomy:
         if self._taxonomy is None:
