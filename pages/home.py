@@ -42,8 +42,6 @@ def _add_model_form() -> None:
             st.success(f"Added {md_text(man['name'])}: it is in the model picker of every page.")
 
 
-_add_model_form()
-
 
 def _collections_section() -> None:
     """The user's own collections: listed, added from a server path (under the allowed roots)
@@ -127,6 +125,7 @@ def main() -> None:
     for m in table:
         if "error" in m:
             st.warning(md_text(f"Model entry {m['name']!r} cannot be used: {m['error']}"), icon=":material/error:")
+    _add_model_form()
 
     st.subheader("Datasets")
     sources = get_sources()
@@ -159,6 +158,7 @@ def main() -> None:
                      ("pages/anomalies.py", "Anomalies — out-of-distribution images by logit flatness"),
                      ("pages/neighbourhoods.py", "Neighbourhoods — UMAP map and nearest known images"),
                      ("pages/review.py", "Review — record decisions on flagged images"),
+                     ("pages/community.py", "Community — counts per sample, place and time, corrected for the model's errors"),
                      ("pages/clip.py", "CLIP explanations — text prompts that match an image")]:
         try:
             st.page_link(f, label=title)
