@@ -42,6 +42,7 @@ def _backbone(config: dict) -> CompactResNet:
         in_channels=int(config.get("preprocessing", {}).get("channels", 1)),
         widths=tuple(config.get("widths", (48, 96, 192, 256))),
         depths=tuple(config.get("depths", (1, 2, 2, 1))),
+        stem_mode=str(config.get("stem_mode", "stride2")),
     )
 
 

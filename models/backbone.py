@@ -25,6 +25,22 @@ class BasicBlock(nn.Module):
         return self.relu(out + (x if self.short is None else self.short(x)))
 
 
+class BlurPool2d(nn.Module):
+    """Anti-aliased downsampling by 2 (Zhang 2019): a fixed [1, 2, 1] ⊗ [1, 2, 1] blur with
+    stride 2, per channel. Its transpose spreads a gradient evenly over the input, so
+    attributions carry no stride footprint (a 3×3 stride-2 convolution leaves a dot grid)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :]) / 16.0
+        self.register_buffer("kernel", k.expand(channels, 1, 3, 3).contiguous(), persistent=False)
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.kernel.to(x.dtype), stride=2, padding=1, groups=self.channels)
+
+
 def make_stage(cin: int, cout: int, blocks: int, stride: int = 2) -> nn.Sequential:
     layers = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(blocks - 1)]
     return nn.Sequential(*layers)
@@ -37,11 +53,20 @@ class CompactResNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (48, 96, 192, 256),
-                 depths: tuple[int, ...] = (1, 2, 2, 1), stem: int = 32):
+                 depths: tuple[int, ...] = (1, 2, 2, 1), stem: int = 32, stem_mode: str = "stride2"):
         super().__init__()
-        # A stride-2 stem and a stride-1 first stage: 64 px → 32, 16, 8, 4 (1.7× faster on CPU
-        # than a stride-1 stem, measured with channels_last).
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        # The stem halves the resolution and the first stage keeps it: 64 px → 32, 16, 8, 4
+        # (1.7× faster on CPU than full-resolution stages, measured with channels_last).
+        # ``stride2``: one 3×3 stride-2 convolution (the first zoo; its Integrated Gradients maps
+        # show the stride's dot grid). ``blur``: a full-resolution 3×3 convolution, then
+        # anti-aliased downsampling (BlurPool2d), the default of models trained since.
+        if stem_mode == "stride2":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True))
+        elif stem_mode == "blur":
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True),
+                                      BlurPool2d(stem))
+        else:
+            raise ValueError(f"unknown stem_mode {stem_mode!r} (stride2 or blur)")
         chans = (stem, *widths)
         self.stages = nn.ModuleList(
             make_stage(chans[i], chans[i + 1], depths[i], stride=1 if i == 0 else 2) for i in range(len(widths))

@@ -150,7 +150,43 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--fresh", action="store_true", help="ignore a previous run's state instead of resuming")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--ema", type=float, default=0.999,
+                    help="decay of the exponential moving average of the weights that is validated and exported (0 = off)")
+    ap.add_argument("--stem", choices=["blur", "stride2"], default="blur",
+                    help="backbone stem: full-resolution conv + anti-aliased pooling (blur) or the first zoo's stride-2 conv")
     return ap
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights and buffers (Polyak averaging, as timm's
+    ``ModelEmaV2``), with the warm-up ``min(decay, (1 + t) / (10 + t))`` so that short runs
+    average recent weights rather than the initialisation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.mul_(d).add_(m.detach(), alpha=1 - d)
+            else:
+                e.copy_(m)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.module.load_state_dict(st["module"])
+        self.updates = int(st["updates"])
 
 
 def class_weights(labels: np.ndarray, kind: str) -> np.ndarray | None:
@@ -178,6 +214,7 @@ def train(argv: list[str] | None = None) -> dict:
     config = {
         "preprocessing": {"size": args.size, "channels": 1, "polarity": "foreground", "mean": round(mean, 4), "std": round(std, 4)},
         "dropout": 0.2,
+        "stem_mode": args.stem,
     }
     torch.manual_seed(args.seed)
     model = create_model(args.arch, tax, config).to(args.device).to(memory_format=torch.channels_last)
@@ -193,6 +230,7 @@ def train(argv: list[str] | None = None) -> dict:
         model.preprocessing.update(init.preprocessing)
         model._mean.fill_(float(init.preprocessing["mean"]))
         model._std.fill_(float(init.preprocessing["std"]))
+        model.config["stem_mode"] = init.config.get("stem_mode", "stride2")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = len(train_set.images)
     steps_per_epoch = max(1, n_train // args.batch_size)
@@ -201,6 +239,7 @@ def train(argv: list[str] | None = None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
 
+    ema = WeightEMA(model, args.ema) if args.ema > 0 else None
     state_path = run_dir / "last.pt"
     start_epoch, best, history = 0, -1.0, []
     if state_path.exists() and not args.fresh:
@@ -209,6 +248,8 @@ def train(argv: list[str] | None = None) -> dict:
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_epoch, best, history = int(st["epoch"]), float(st["best"]), json.loads(st["history"])
+        if ema is not None and "ema" in st:
+            ema.load_state_dict(st["ema"])
         print(f"resuming {name} from epoch {start_epoch}", file=sys.stderr)
 
     labels_t = {k: torch.from_numpy(v) for k, v in train_set.labels.items()}
@@ -249,23 +290,31 @@ def train(argv: list[str] | None = None) -> dict:
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             run_loss = 0.98 * run_loss + 0.02 * loss.item() if b else loss.item()
             bar.set_postfix(loss=f"{run_loss:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-        val_probs = predict_arrays(model, val_set.images, device=args.device)
-        rep = evaluate_predictions(val_probs, val_set.labels, tax)
+        evaluated = ema.module if ema is not None else model
+        rep = evaluate_predictions(predict_arrays(evaluated, val_set.images, device=args.device), val_set.labels, tax)
         acc = {lvl: round(rep["levels"][lvl]["accuracy"], 4) for lvl in model.levels}
         entry = {"epoch": epoch + 1, "train_loss": round(run_loss, 4), "val_accuracy": acc,
                  "val_log_loss": round(rep["leaf"]["log_loss"], 4), "elapsed_s": round(time.time() - t0, 1)}
+        if ema is not None:  # the raw weights' figures, for the EMA ablation
+            raw = evaluate_predictions(predict_arrays(model, val_set.images, device=args.device), val_set.labels, tax)
+            entry["val_accuracy_raw"] = {lvl: round(raw["levels"][lvl]["accuracy"], 4) for lvl in model.levels}
+            entry["val_log_loss_raw"] = round(raw["leaf"]["log_loss"], 4)
         history.append(entry)
         print(json.dumps(entry), file=sys.stderr, flush=True)
         score = rep["leaf"]["accuracy"]
         if score > best:
             best = score
-            torch.save(model.state_dict(), run_dir / "best.pt")
-        save_training_state(state_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                         "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best,
-                                         "history": json.dumps(history)})
+            torch.save(evaluated.state_dict(), run_dir / "best.pt")
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch + 1, "best": best, "history": json.dumps(history)}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        save_training_state(state_path, state)
         if args.max_steps is not None and step >= args.max_steps:
             break
 

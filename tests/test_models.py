@@ -15,7 +15,8 @@ from models.base import LevelOutput, images_to_tensor
 from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from models.data import load_dataset, subset
 from models.metrics import consistency, evaluate_predictions, log_loss, mistake_severity, prf_macro, topk_accuracy
-from models.train import augment, level_loss, loss_weights
+from models.backbone import CompactResNet
+from models.train import WeightEMA, augment, level_loss, loss_weights
 from models.handle import open_model
 from models.zoo import list_models
 
@@ -122,6 +123,62 @@ def test_one_epoch_lowers_the_loss(arch, tiny):
             opt.step()
     after = total_loss()
     assert after < before, (before, after)
+
+
+def _nyquist_share(stem_mode: str) -> float:
+    """Share of an input gradient's energy at the 2-pixel period (the stride-2 stem's dot grid),
+    averaged over randomly initialised backbones and real-looking smooth inputs."""
+    shares = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        net = CompactResNet(1, stem_mode=stem_mode).eval()
+        yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+        x = torch.exp(-((yy - 32) ** 2 + (xx - 30) ** 2) / 200.0)[None, None].requires_grad_(True)
+        net.forward_stages(x)[-1].sum().backward()
+        g = x.grad[0, 0]
+        spec = torch.fft.fft2(g - g.mean()).abs() ** 2
+        nyq = spec[32, :].sum() + spec[:, 32].sum()
+        shares.append(float(nyq / spec.sum()))
+    return float(np.mean(shares))
+
+
+def test_blur_stem_leaves_no_stride_grid_in_input_gradients():
+    """Issue 17: the first zoo's stride-2 stem printed a dot grid on every saliency map; the blur
+    stem (full-resolution convolution + anti-aliased pooling) must not."""
+    stride2, blur = _nyquist_share("stride2"), _nyquist_share("blur")
+    assert stride2 > 0.05, stride2  # the footprint is there with the old stem ...
+    assert blur < stride2 / 20, (blur, stride2)  # ... and gone with the new one
+    with pytest.raises(ValueError, match="stem_mode"):
+        CompactResNet(1, stem_mode="strided")
+
+
+def test_old_checkpoints_keep_their_stride2_stem(tax):
+    assert isinstance(create_model("bacnn", tax).backbone.stem[0], torch.nn.Conv2d)
+    assert create_model("bacnn", tax).backbone.stem[0].stride == (2, 2)  # no stem_mode in the config
+    blur = create_model("bacnn", tax, {"stem_mode": "blur"})
+    assert blur.backbone.stem[0].stride == (1, 1) and len(blur.backbone.stem) == 4
+
+
+def test_weight_ema_averages_and_resumes(tax):
+    torch.manual_seed(0)
+    m = create_model("flat", tax)
+    ema = WeightEMA(m, decay=0.9)
+    w0 = m.head.weight.detach().clone()
+    with torch.no_grad():
+        m.head.weight.add_(1.0)
+    for _ in range(200):
+        ema.update(m)
+    # after many updates the average reaches the new weights; early on it sits between them
+    assert torch.allclose(ema.module.head.weight, m.head.weight, atol=1e-4)
+    fresh = WeightEMA(m, decay=0.9)
+    with torch.no_grad():
+        m.head.weight.copy_(w0)
+    fresh.update(m)
+    d = min(0.9, 2 / 11)  # warm-up decay of the first update
+    assert torch.allclose(fresh.module.head.weight, d * (w0 + 1) + (1 - d) * w0, atol=1e-5)
+    again = WeightEMA(create_model("flat", tax), decay=0.9)
+    again.load_state_dict(fresh.state_dict())
+    assert again.updates == 1 and torch.equal(again.module.head.weight, fresh.module.head.weight)
 
 
 def test_augment_keeps_range_and_background():
@@ -286,6 +343,11 @@ def test_train_cli_checkpoints_and_resumes(tmp_path):
     assert [h["epoch"] for h in manifest["history"]] == [1, 2]
     assert set(manifest["metrics"]["test"]["levels"]) == set(model.levels)
     assert manifest["command"].startswith("python -m models.train")
+    assert manifest["config"]["stem_mode"] == "blur"
+    h = manifest["history"][-1]
+    assert set(h["val_accuracy_raw"]) == set(model.levels)  # the EMA ablation's raw figures
+    state = torch.load(tmp_path / "runs" / "ndsb-flat" / "last.pt", weights_only=True)
+    assert state["ema"]["updates"] > 0  # the EMA resumes with the run
 
 
 ZOO = [m for m in list_models() if m.get("kind") == "classifier" and str(m["path"]).startswith(str(REPO))]
