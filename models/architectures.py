@@ -9,7 +9,7 @@ from torch import nn
 
 from data.taxonomy import Taxonomy
 
-from .backbone import CompactResNet, gap, make_stage
+from .backbone import CompactResNet, TimmBackbone, gap, make_stage
 from .base import HierarchicalClassifier
 
 _REGISTRY: dict[str, type[HierarchicalClassifier]] = {}
@@ -37,7 +37,14 @@ def create_model(arch: str, taxonomy: Taxonomy, config: dict | None = None) -> H
     return _REGISTRY[arch](taxonomy, dict(config or {}))
 
 
-def _backbone(config: dict) -> CompactResNet:
+def _backbone(config: dict) -> CompactResNet | TimmBackbone:
+    """The project's compact ResNet, or a timm trunk when ``config["backbone"]`` is ``timm/NAME``."""
+    name = str(config.get("backbone", "compact"))
+    channels = int(config.get("preprocessing", {}).get("channels", 1))
+    if name.startswith("timm/"):
+        return TimmBackbone(name.split("/", 1)[1], channels)
+    if name != "compact":
+        raise ValueError(f"unknown backbone {name!r} (compact or timm/NAME)")
     return CompactResNet(
         in_channels=int(config.get("preprocessing", {}).get("channels", 1)),
         widths=tuple(config.get("widths", (48, 96, 192, 256))),
@@ -158,6 +165,8 @@ class SplitBranchCNN(HierarchicalClassifier):
 
     def __init__(self, taxonomy: Taxonomy, config: dict):
         super().__init__(taxonomy, config)
+        if str(self.config.get("backbone", "compact")) != "compact":
+            raise ValueError("sbacnn splits the compact backbone's last stage; use flat, bcnn or bacnn with a timm backbone")
         self.backbone = _backbone(self.config)
         w = self.backbone.widths
         bw = int(self.config.get("branch_width", 160))

@@ -83,6 +83,27 @@ class CompactResNet(nn.Module):
         return outs
 
 
+class TimmBackbone(nn.Module):
+    """A timm architecture (random init, ``features_only``) as a four-stage backbone: the same
+    ``forward_stages`` / ``widths`` / ``stages[-1]`` interface as :class:`CompactResNet`, so the
+    flat, B-CNN and BA-CNN heads sit on any timm trunk (the GPU zoo's larger backbones)."""
+
+    def __init__(self, name: str, in_channels: int = 1):
+        super().__init__()
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm architecture {name!r}")
+        self.name = name
+        self.net = timm.create_model(name, pretrained=False, features_only=True, in_chans=in_channels, out_indices=(1, 2, 3, 4))
+        self.widths = tuple(self.net.feature_info.channels())
+        # The modules that produce each stage's output (GradCAM targets ``stages[-1]``).
+        self.stages = [self.net.get_submodule(n) for n in self.net.feature_info.module_name()]
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.net(x))
+
+
 def gap(x: torch.Tensor) -> torch.Tensor:
     """Global average pooling to (N, C)."""
     return x.mean(dim=(2, 3))

@@ -45,10 +45,10 @@ def augment(x: torch.Tensor, g: torch.Generator, scale: tuple[float, float] = (0
     cos, sin = torch.cos(theta) * s, torch.sin(theta) * s
     tx, ty = (r() - 0.5) * 0.1, (r() - 0.5) * 0.1
     A = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
-    grid = F.affine_grid(A, list(x.shape), align_corners=False)
+    grid = F.affine_grid(A.to(x.device), list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    gain = (0.75 + 0.5 * r()).view(n, 1, 1, 1)
-    gamma = torch.exp((r() - 0.5) * 0.5).view(n, 1, 1, 1)
+    gain = (0.75 + 0.5 * r()).view(n, 1, 1, 1).to(x.device)
+    gamma = torch.exp((r() - 0.5) * 0.5).view(n, 1, 1, 1).to(x.device)
     return (x.clamp(0, 1) ** gamma * gain).clamp(0, 1)
 
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--ema", type=float, default=0.999,
                     help="decay of the exponential moving average of the weights that is validated and exported (0 = off)")
+    ap.add_argument("--backbone", default="compact",
+                    help="compact (the project's ResNet) or timm/NAME (any timm architecture, random init; flat, bcnn, bacnn)")
     ap.add_argument("--stem", choices=["blur", "stride2"], default="blur",
                     help="backbone stem: full-resolution conv + anti-aliased pooling (blur) or the first zoo's stride-2 conv")
     return ap
@@ -215,22 +217,23 @@ def train(argv: list[str] | None = None) -> dict:
         "preprocessing": {"size": args.size, "channels": 1, "polarity": "foreground", "mean": round(mean, 4), "std": round(std, 4)},
         "dropout": 0.2,
         "stem_mode": args.stem,
+        "backbone": args.backbone,
     }
-    torch.manual_seed(args.seed)
-    model = create_model(args.arch, tax, config).to(args.device).to(memory_format=torch.channels_last)
+    init = None
     if args.init_from:
         from .handle import open_model
 
-        lm = open_model(args.init_from)
-        init, init_manifest = lm.classifier, lm.manifest
+        init = open_model(args.init_from).classifier
+        # A fine-tune keeps the network it starts from (stem, backbone, normalisation).
+        config = {**config, "preprocessing": dict(init.preprocessing),
+                  "stem_mode": init.config.get("stem_mode", "stride2"), "backbone": init.config.get("backbone", "compact")}
+    torch.manual_seed(args.seed)
+    model = create_model(args.arch, tax, config).to(args.device).to(memory_format=torch.channels_last)
+    if init is not None:
         if init.arch != args.arch or init.class_names != model.class_names:
             raise SystemExit(f"--init-from {args.init_from}: a {init.arch} model over other classes cannot initialise this one")
         model.load_state_dict(init.state_dict())
         model.temperature.fill_(1.0)
-        model.preprocessing.update(init.preprocessing)
-        model._mean.fill_(float(init.preprocessing["mean"]))
-        model._std.fill_(float(init.preprocessing["std"]))
-        model.config["stem_mode"] = init.config.get("stem_mode", "stride2")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     n_train = len(train_set.images)
     steps_per_epoch = max(1, n_train // args.batch_size)
@@ -278,7 +281,7 @@ def train(argv: list[str] | None = None) -> dict:
             if args.max_steps is not None and step >= args.max_steps:
                 break
             idx = np.sort(order[b * args.batch_size : (b + 1) * args.batch_size])
-            x = augment(images_to_tensor(train_set.images[idx]), g).to(args.device).contiguous(memory_format=torch.channels_last)
+            x = augment(images_to_tensor(train_set.images[idx]).to(args.device), g).contiguous(memory_format=torch.channels_last)
             out = model(x)
             w = loss_weights(args.arch, model.levels, step / total)
             loss = sum(wi * level_loss(out[lvl], labels_t[lvl][idx].to(args.device), args.loss, args.focal_gamma)

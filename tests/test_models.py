@@ -226,6 +226,29 @@ def test_checkpoint_round_trip(saved):
         assert key in manifest
 
 
+def test_timm_backbone_round_trips_and_explains(tax, tmp_path):
+    """Issue 17's GPU zoo: the hierarchical heads on a timm trunk (random init), saved, reloaded,
+    and explained by GradCAM on the trunk's last stage."""
+    from explain.saliency import attribute
+
+    torch.manual_seed(0)
+    cfg = {"backbone": "timm/efficientnet_b0", "preprocessing": {"size": 96}}
+    m = create_model("bacnn", tax, cfg).eval()
+    x = torch.rand(2, 1, 96, 96)
+    out = m(x)
+    assert {k: v.shape[1] for k, v in out.items()} == {lvl: m.num_classes(lvl) for lvl in m.levels}
+    m2, manifest = load_checkpoint(save_checkpoint(m, tmp_path / "timm", dataset="ndsb", command="test"))
+    assert manifest["config"]["backbone"] == "timm/efficientnet_b0"
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x)["class"], out["class"])
+    amap = attribute(m2, x[:1], "class", method="gradcam")
+    assert amap.shape[-2:] == (96, 96) and float(np.abs(amap).sum()) > 0
+    with pytest.raises(ValueError, match="timm"):
+        create_model("sbacnn", tax, cfg)
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        create_model("flat", tax, {"backbone": "timm/no_such_net"})
+
+
 def test_tampered_checkpoint_is_refused(saved):
     _, path = saved
     w = path.with_suffix(".safetensors")
