@@ -120,6 +120,30 @@ def page(browser):
     ctx.close()
 
 
+def app_on_page(page: str, collection: str, model: str | None = None):
+    """An AppTest of app.py with ``collection`` (and ``model``) in session state, switched to
+    ``page`` and run; skips when the zoo has no model."""
+    from streamlit.testing.v1 import AppTest
+
+    from models.zoo import default_model_name
+
+    if default_model_name() is None:
+        pytest.skip("no model in the zoo")
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=900)
+    at.session_state["collection"] = collection
+    if model:
+        at.session_state["model_name"] = model
+    at.run()
+    assert not at.exception, at.exception
+    return at.switch_page(page).run()
+
+
+def assert_page_ok(at) -> None:
+    """No exception and no error box on an AppTest page."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
 def wait_for_app(pg, timeout_ms: int = 60_000) -> None:
     """Wait until Streamlit has finished running the script (no 'running' status widget)."""
     pg.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)

@@ -10,29 +10,17 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from tests.conftest import ARTIFACTS, REPO, requires_data, wait_for_app
+from tests.conftest import ARTIFACTS, app_on_page, assert_page_ok, requires_data, wait_for_app
 
 pytestmark = requires_data
 PAGE = "pages/anomalies.py"
 
 
 def _app(collection: str):
-    from streamlit.testing.v1 import AppTest
-
-    from models.zoo import default_model_name
-
-    if default_model_name() is None:
-        pytest.skip("no model in the zoo")
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=900)
-    at.session_state["collection"] = collection
-    at.run()
-    assert not at.exception, at.exception
-    return at.switch_page(PAGE).run()
+    return app_on_page(PAGE, collection)
 
 
-def _ok(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
+_ok = assert_page_ok
 
 
 def _metric(at, prefix: str) -> str:
