@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class WeightEMA:
-    """Exponential moving average of a model's weights and buffers (Polyak averaging, as timm's
-    ``ModelEmaV2``), with the warm-up ``min(decay, (1 + t) / (10 + t))`` so that short runs
+    """Exponential moving average of a model's weights (Polyak averaging, as timm's ``ModelEmaV2``;
+    buffers such as batch-norm statistics are copied), with the warm-up ``min(decay, (1 + t) / (10 + t))`` so that short runs
     average recent weights rather than the initialisation."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -177,11 +177,10 @@ class WeightEMA:
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(d).add_(m.detach(), alpha=1 - d)
-            else:
-                e.copy_(m)
+        for e, m in zip(self.module.parameters(), model.parameters()):
+            e.mul_(d).add_(m.detach(), alpha=1 - d)
+        for e, m in zip(self.module.buffers(), model.buffers()):  # batch-norm statistics: copied
+            e.copy_(m)  # (exact when a fine-tune keeps them fixed)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
