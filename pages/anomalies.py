@@ -22,7 +22,8 @@ from plotly.subplots import make_subplots
 
 from data.decode import ImageDecodeError, keeps_colour, load_for_model
 from explain.ood import CONFIG, auroc, fpr_at_tpr, get_score, is_log_probability, rates_at
-from pages.common import COMPUTE_LOCK, ScoredView, get_source, md_text, run_page, scored_collection, thumbnail
+from pages.common import (COMPUTE_LOCK, ScoredView, get_source, md_text, page_fragment, run_page, scored_collection,
+                          thumbnail)
 
 log = logging.getLogger("plankton_lens.anomalies")
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,41 +234,9 @@ def main() -> None:
     lo, hi = min(lo, thr95), max(hi, thr95)
     if hi <= lo:
         hi = lo + 1e-6
-    thr = st.slider("Threshold (flag as anomalous above)", min_value=lo, max_value=hi, value=thr95, step=(hi - lo) / 400,
-                    format="%.4f", key=f"ood_thr::{lm.name}::{view.collection}::{col}",
-                    help=f"Starts at the threshold that keeps {view.scored.meta['keep']:.0%} of the model's validation images.")
-    r = rates_at(known_s, ref_s, thr)
-    m = st.columns(4)
-    m[0].metric("TPR (known images kept)", f"{r['tpr']:.1%}")
-    m[1].metric(f"FPR ({ref} kept)", f"{r['fpr']:.1%}")
-    a_u, f_t = _separation(str(folder), stamp, col, known_name, ref, known_s, ref_s)
-    m[2].metric(f"AUROC ({ref})", f"{a_u:.3f}")
-    m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{f_t:.1%}")
-
-    # the collection's most anomalous images; the selection (gallery buttons set it)
     top = _top_cached(str(folder), stamp, (lm.key, view.collection), col, GALLERY_N, sets, coll_sets)
-    sel = st.session_state.get(SEL_KEY)
-    if not (sel and sel[0] == lm.key and sel[1] == view.collection and sel[2] in view.table.index):
-        sel = (lm.key, view.collection, int(top.index[0]))
-    sel_row = view.table.loc[sel[2]]
-    sel_score = float(sel_row[col])
-
-    fig = go.Figure()
-    for n in shown:
-        if n not in s:
-            continue
-        bar = _binned(str(folder), stamp, (lm.key, view.collection, n, col), lo, hi, 60, s[n])
-        fig.add_trace(bar.update(name=f"{n} ({int(np.isfinite(s[n]).sum()):,})", opacity=0.55, marker_color=colours[n]))
-    fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="threshold", annotation_position="top left")
-    fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
-                  annotation_position="top right")
-    fig.update_layout(barmode="overlay", bargap=0, height=380, margin=dict(t=30, l=10, r=10, b=10),
-                      xaxis_title=scores[score] + (f" · {level}" if is_logit else ""), yaxis_title="density",
-                      legend=dict(orientation="h", y=-0.25))
-    st.plotly_chart(fig, key="ood_hist")
-    st.caption(f"Values outside the 0.5–99.5 % range ({lo:.3g} … {hi:.3g}) are drawn at its edges. Flagged above the "
-               "threshold: " + ", ".join(f"{md_text(n)} {np.mean(s[n] > thr):.0%}" for n in shown if n in s))
-
+    _threshold_panel(view, sets, s, shown, colours, score, scores[score], level, col, ref, known_name, thr95, lo, hi,
+                     int(top.index[0]))
     if is_logit and len(levels) > 1:
         with st.expander("Every level", expanded=False):
             pf = make_subplots(rows=1, cols=len(levels), subplot_titles=list(levels))
@@ -283,9 +252,54 @@ def main() -> None:
                              legend=dict(orientation="h", y=-0.3))
             st.plotly_chart(pf, key="ood_levels")
 
-    _activations(view, sets, score, scores[score], level, col, thr, sel_row)
     _known_group(view, sets, score, shown)
     _gallery(view, top, col)
+
+
+@page_fragment("anomalies")
+def _threshold_panel(view: ScoredView, sets: dict[str, pd.DataFrame], s: dict[str, np.ndarray], shown: list[str],
+                     colours: dict[str, str], score: str, label: str, level: str, col: str, ref: str, known_name: str,
+                     thr95: float, lo: float, hi: float, top_row: int) -> None:
+    """The threshold slider and everything it moves (rates, histogram, activations). A fragment:
+    moving the slider reruns this panel only, not the page (its tables, gallery and sidebar)."""
+    lm, folder = view.lm, view.scored.folder
+    stamp = (folder / "meta.json").stat().st_mtime_ns
+    known_s, ref_s = s[known_name], s[ref]
+    thr = st.slider("Threshold (flag as anomalous above)", min_value=lo, max_value=hi, value=thr95, step=(hi - lo) / 400,
+                    format="%.4f", key=f"ood_thr::{lm.name}::{view.collection}::{col}",
+                    help=f"Starts at the threshold that keeps {view.scored.meta['keep']:.0%} of the model's validation images.")
+    r = rates_at(known_s, ref_s, thr)
+    m = st.columns(4)
+    m[0].metric("TPR (known images kept)", f"{r['tpr']:.1%}")
+    m[1].metric(f"FPR ({ref} kept)", f"{r['fpr']:.1%}")
+    a_u, f_t = _separation(str(folder), stamp, col, known_name, ref, known_s, ref_s)
+    m[2].metric(f"AUROC ({ref})", f"{a_u:.3f}")
+    m[3].metric(f"FPR at {CONFIG['tpr']:.0%} TPR", f"{f_t:.1%}")
+
+    # the collection's most anomalous images; the selection (gallery buttons set it)
+    sel = st.session_state.get(SEL_KEY)
+    if not (sel and sel[0] == lm.key and sel[1] == view.collection and sel[2] in view.table.index):
+        sel = (lm.key, view.collection, top_row)
+    sel_row = view.table.loc[sel[2]]
+    sel_score = float(sel_row[col])
+
+    fig = go.Figure()
+    for n in shown:
+        if n not in s:
+            continue
+        bar = _binned(str(folder), stamp, (lm.key, view.collection, n, col), lo, hi, 60, s[n])
+        fig.add_trace(bar.update(name=f"{n} ({int(np.isfinite(s[n]).sum()):,})", opacity=0.55, marker_color=colours[n]))
+    fig.add_vline(x=thr, line_dash="dash", line_color="#333", annotation_text="threshold", annotation_position="top left")
+    fig.add_vline(x=float(np.clip(sel_score, lo, hi)), line_color="#D55E00", line_width=3, annotation_text="selected image",
+                  annotation_position="top right")
+    fig.update_layout(barmode="overlay", bargap=0, height=380, margin=dict(t=30, l=10, r=10, b=10),
+                      xaxis_title=label + (f" · {level}" if score != "knn" else ""), yaxis_title="density",
+                      legend=dict(orientation="h", y=-0.25))
+    st.plotly_chart(fig, key="ood_hist")
+    st.caption(f"Values outside the 0.5–99.5 % range ({lo:.3g} … {hi:.3g}) are drawn at its edges. Flagged above the "
+               "threshold: " + ", ".join(f"{md_text(n)} {np.mean(s[n] > thr):.0%}" for n in shown if n in s))
+
+    _activations(view, sets, score, label, level, col, thr, sel_row)
 
 
 def _log_prob_level(view: ScoredView, level: str) -> bool:

@@ -10,6 +10,7 @@ headers, image captions, metric labels, spinners, help tooltips).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import threading
@@ -455,17 +456,36 @@ def model_dataset_problem(lm: LensModel, purpose: str) -> str | None:
 
 
 # --- the page shell -------------------------------------------------------------------------------
+def _show_failure(page: str, e: Exception, reassurance: str) -> None:
+    """The one way a page shows an unexpected error: logged with its traceback, shown as one message."""
+    import logging
+
+    logging.getLogger(f"plankton_lens.{page}").exception("%s page failed", page)
+    st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). {reassurance}")
+
+
 def run_page(main, page: str, reassurance: str = "The rest of the app still works.") -> None:
     """Run a page's ``main()`` inside the one error boundary every page has: an unexpected error is
     logged with its traceback and shown as one message (never a traceback), with ``reassurance``
     (what the user has not lost). Streamlit's own control flow (st.stop, st.rerun) passes through."""
-    import logging
-
     try:
         main()
     except Exception as e:  # noqa: BLE001 - Streamlit's control flow is BaseException, not Exception
-        logging.getLogger(f"plankton_lens.{page}").exception("%s page failed", page)
-        st.error(f"Something went wrong on this page ({type(e).__name__}: {md_text(e)}). {reassurance}")
+        _show_failure(page, e, reassurance)
+
+
+def page_fragment(page: str, reassurance: str = "The rest of the app still works.", run_every: float | None = None):
+    """``st.fragment`` with the page's error boundary. A fragment's own reruns (a widget inside it,
+    ``run_every``) run the function alone, outside :func:`run_page`, so it carries the boundary itself."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def guarded(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - as run_page
+                _show_failure(page, e, reassurance)
+        return st.fragment(guarded, run_every=run_every)
+    return wrap
 
 
 # --- the scored table of the sidebar's collection (Anomalies, Neighbourhoods, Review) --------------
@@ -515,7 +535,7 @@ def scored_status(model: str, collection: str) -> dict:
         return {"state": "error", "message": str(e)}
 
 
-@st.fragment(run_every=2.0)
+@page_fragment("scoring", run_every=2.0)
 def _scoring_progress(model: str, collection: str) -> None:
     """A progress bar that follows a background scoring run; the page reloads when it is done."""
     s = scored_status(model, collection)

@@ -17,7 +17,7 @@ from explain.neighbours import KNN_K, Gallery, knn_score, neighbour_table, neigh
 from explain.projection import TableMap, approximate_place, place, sample_index, warm_up
 from explain.score import gallery_ids
 from pages.common import (COMPUTE_LOCK, ScoredView, collection_annotation, get_sources, md_text, model_dataset_problem,
-                          score_label, thumbnail)
+                          page_fragment, score_label, thumbnail)
 from pages.image_picker import UploadError, decode_upload
 from pages.state import key
 
@@ -215,7 +215,7 @@ def upload(view: ScoredView, m: TableMap | None) -> dict | None:
     return got
 
 
-@st.fragment(run_every=2.0)
+@page_fragment("neighbourhoods", run_every=2.0)
 def await_exact_placement(path: str, stamp: int) -> None:
     """While an upload shows its approximate placement, check every 2 s whether UMAP is ready,
     and then rerun the page so the star moves to the exact placement."""

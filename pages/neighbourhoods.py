@@ -22,8 +22,8 @@ from explain import map_plot
 from explain.map_plot import Mark, map_figure, region_from_selection, view_range
 from explain.projection import MAP_MIN, TableMap, mappable, read_map, table_map
 from explain.score import reference_limit
-from pages.common import (ScoredView, current_collection, gallery, get_sources, md_text, run_page, score_label,
-                          scored_collection)
+from pages.common import (ScoredView, current_collection, gallery, get_sources, md_text, page_fragment, run_page,
+                          score_label, scored_collection)
 from pages.state import key
 from pages.image_picker import malformed_link_message, parse_link, upload_widget
 from pages.neighbourhood_image import (EXACT, SEL_KEY, UPLOAD_BYTES, UPLOAD_ID, labelled, reducer, rows_by_path,
@@ -63,7 +63,7 @@ def _map_build(folder: str, stamp: int, _scored) -> _Build:
     return build
 
 
-@st.fragment(run_every=2.0)
+@page_fragment("neighbourhoods", run_every=2.0)
 def _follow_build(folder: str, stamp: int, scored) -> None:
     """A progress bar that follows a map build; the page reloads when it is done."""
     b = _map_build(folder, stamp, scored)

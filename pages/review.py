@@ -16,8 +16,8 @@ import streamlit as st
 from explain.neighbours import KNN_K, Gallery, neighbour_table
 from explain.review_store import (DECISION_TEXT, DECISIONS, FLAG_KINDS, Decision, ReviewError, ReviewStore,
                                   flag_by_score, flag_inconsistent, flag_neighbour_disagreement)
-from pages.common import (ScoredView, collection_annotation, gallery, get_source, md_text, run_page, score_label,
-                          scored_collection, thumbnail)
+from pages.common import (ScoredView, collection_annotation, gallery, get_source, md_text, page_fragment, run_page,
+                          score_label, scored_collection, thumbnail)
 
 log = logging.getLogger("plankton_lens.review")
 
@@ -250,7 +250,7 @@ def main() -> None:
                              "EcoTaxa TSV or an EcoTaxa import bundle with the model's scores.")
     if view is None:
         return
-    model_name, levels = view.lm.name, view.levels
+    model_name = view.lm.name
     session = st.session_state.setdefault("rv_session", uuid.uuid4().hex[:12])
     store = ReviewStore()
     st.text_input("Reviewer", key="rv_reviewer", placeholder="Your name (stored with each decision)")
@@ -258,6 +258,17 @@ def main() -> None:
     g = gallery(model_name, view.lm.sha256, _reference_limit()) if view.lm.dataset else None
     queue, rule = _queue(view, df)
     hide = st.checkbox("Hide images already reviewed", value=True, key="rv_hide")
+    _review_panel(view, queue, rule, g, store, session, hide)
+    _bundle_panel(view)
+
+
+@page_fragment("review", "Your recorded decisions are safe.")
+def _review_panel(view: ScoredView, queue: pd.DataFrame, rule: str, g: Gallery | None, store: ReviewStore,
+                  session: str, hide: bool) -> None:
+    """The image on screen, its decision form, navigation, undo and the decisions so far. A
+    fragment: recording a decision or moving through the queue reruns this panel only, not the
+    page (its scored table, rule widgets, export panel and sidebar)."""
+    model_name, levels = view.lm.name, view.levels
     done = store.decided_images()
     shown = st.session_state.get("rv_current")  # the image this reviewer has in front of them
     if hide and done:
@@ -279,12 +290,10 @@ def main() -> None:
     else:
         pos = min(int(st.session_state.get(POS_KEY, 0)), len(queue) - 1)
         nav = st.columns([1, 1, 4])
-        if nav[0].button("Previous", icon=":material/arrow_back:", disabled=pos == 0, key="rv_prev"):
-            st.session_state[POS_KEY] = pos - 1
-            st.rerun()
-        if nav[1].button("Next", icon=":material/arrow_forward:", disabled=pos >= len(queue) - 1, key="rv_next"):
-            st.session_state[POS_KEY] = pos + 1
-            st.rerun()
+        nav[0].button("Previous", icon=":material/arrow_back:", disabled=pos == 0, key="rv_prev", on_click=_move_to,
+                      args=(pos - 1,))
+        nav[1].button("Next", icon=":material/arrow_forward:", disabled=pos >= len(queue) - 1, key="rv_next",
+                      on_click=_move_to, args=(pos + 1,))
         nav[2].caption(f"Image {pos + 1} of {len(queue):,}")
         q = queue.iloc[pos]
         row = _with_classes(view, pd.concat([view.table.loc[queue.index[pos]], q[["score", "reason"]]]))
@@ -297,14 +306,25 @@ def main() -> None:
             _item(row, g, levels, view.scored.embeddings)
         _decision_form(row, store, model_name, _taxonomy_options(view), levels, session,
                        {"pos": None if hide else min(pos + 1, len(queue) - 1)})
-    if st.button("Undo my last decision", icon=":material/undo:", key="rv_undo"):
-        undone = store.undo(session=session)
-        st.session_state["rv_undo_msg"] = ("Nothing to undo in this session." if undone is None else
-                                           f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {md_text(undone['relpath'])}).")
-        st.rerun()
+    st.button("Undo my last decision", icon=":material/undo:", key="rv_undo", on_click=_undo, args=(store, session))
     st.divider()
     _decisions_panel(store)
-    _bundle_panel(view)
+
+
+# Callbacks run before the next run of the panel, so it draws the new state at once (no st.rerun).
+def _move_to(pos: int) -> None:
+    st.session_state[POS_KEY] = pos
+
+
+def _undo(store: ReviewStore, session: str) -> None:
+    try:
+        undone = store.undo(session=session)
+    except Exception as e:  # noqa: BLE001 - a locked or unreadable store: say so; nothing was changed
+        logging.getLogger("plankton_lens.review").exception("undo failed")
+        st.session_state["rv_undo_msg"] = f"Could not undo ({type(e).__name__}: {md_text(e)}); your decisions are unchanged."
+        return
+    st.session_state["rv_undo_msg"] = ("Nothing to undo in this session." if undone is None else
+                                       f"Undid decision #{undone['id']} ({DECISION_TEXT[undone['decision']]} for {md_text(undone['relpath'])}).")
 
 
 run_page(main, "review", "Your recorded decisions are safe.")

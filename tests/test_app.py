@@ -33,3 +33,38 @@ def test_direct_page_url_on_a_cold_server_uses_the_app_navigation(browser):
             time.sleep(1)
         text = log.read_text()
         assert "warm-up done" in text and "warm-up failed" not in text and "Traceback" not in text, text[-3000:]
+
+
+def _page_with_a_failing_fragment():
+    import streamlit as st
+
+    from pages.common import page_fragment, run_page
+
+    @page_fragment("test", "Your recorded decisions are safe.")
+    def panel() -> None:
+        if st.button("Break"):
+            raise ValueError("[re-login](https://example.org)")
+        st.markdown("panel drawn")
+
+    def main() -> None:
+        st.markdown("page drawn")
+        panel()
+
+    run_page(main, "test")
+
+
+def test_a_failing_fragment_shows_one_message_not_a_traceback():
+    """A fragment's own reruns run outside run_page's error boundary, so page_fragment carries it:
+    the error is one message with the page's reassurance, and its text is not live Markdown."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_page_with_a_failing_fragment, default_timeout=60).run()
+    assert not at.exception and not at.error
+    assert [m.value for m in at.markdown] == ["page drawn", "panel drawn"]
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    assert len(at.error) == 1
+    msg = at.error[0].value
+    assert msg.startswith("Something went wrong on this page (ValueError:") and "Your recorded decisions are safe." in msg
+    assert "](https://example.org)" not in msg  # escaped: shown as text, not a link
+    assert "page drawn" in [m.value for m in at.markdown]

@@ -416,17 +416,28 @@ def test_browser_neighbourhoods_map_click_and_upload(streamlit_server, browser, 
 
 
 def _review_once(browser, base: str, reviewer: str, decision: str, shot: str | None = None,
-                 collection: str = "survey") -> str:
+                 collection: str = "survey", hide_reviewed: bool = True) -> str:
     ctx = browser.new_context(viewport={"width": 1500, "height": 1000})
     pg = ctx.new_page()
     _watch(pg)
     _open(pg, base, f"review?collection={collection}")
     pg.wait_for_selector("text=images to review", timeout=600_000)
     wait_for_app(pg, 600_000)
+    if not hide_reviewed:
+        pg.get_by_text("Hide images already reviewed", exact=True).click()
+        wait_for_app(pg)
     pg.get_by_label("Reviewer").fill(reviewer)
     pg.get_by_label("Reviewer").press("Enter")
     wait_for_app(pg)
-    pg.locator("[data-testid='stRadio']", has_text="Decision").get_by_text(decision, exact=True).click()
+    # The decision form is drawn once the reviewer's run finishes; two sessions at once on a slow
+    # 2-core host take longer than Playwright's default 30 s, so wait for it explicitly.
+    choice = pg.locator("[data-testid='stRadio']", has_text="Decision").get_by_text(decision, exact=True)
+    try:
+        choice.wait_for(state="visible", timeout=180_000)
+    except Exception:
+        _screenshot(pg, f"review-no-form-{reviewer.split()[0].lower()}.png")  # what the reviewer saw
+        raise
+    choice.click()
     pg.get_by_label("Comment").fill(f"checked by {reviewer}")
     pg.get_by_role("button", name="Record decision").click()
     try:
@@ -464,10 +475,13 @@ def test_browser_review_two_sessions_keep_their_decisions(streamlit_server, brow
     from tests.conftest import CHROMIUM
 
     def session(name: str) -> str:
+        # Reviewed images stay in the queue: the rule may flag only one of the 30 images (the new
+        # default model flags one at 95 %), and two reviewers deciding the same image at once is
+        # the case this checks (every decision is kept).
         with sync_playwright() as pw:
             b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
             try:
-                return _review_once(b, streamlit_server, name, "Not an anomaly")
+                return _review_once(b, streamlit_server, name, "Not an anomaly", hide_reviewed=False)
             finally:
                 b.close()
 
