@@ -47,6 +47,18 @@ def warm_up() -> None:
         quiet.setLevel(level)
 
 
+def no_message_cache() -> None:
+    """Turn off Streamlit's cache of large messages (``global.minCachedMessageSize``). With
+    fragments (the Anomalies threshold panel, the Review panel, the progress bars) the browser's
+    copy of that cache falls out of step with the server's, which then refers to a message the
+    browser has dropped: "Connection error: Cached ForwardMsg MISS" and a dead page
+    (streamlit/streamlit#10012, #11357), seen on Anomalies after a few slider moves. Without the
+    cache, large elements are sent again on each run: a few hundred kB on a local server."""
+    from streamlit import config
+
+    config.set_option("global.minCachedMessageSize", 1e18, where_defined="serve.py")  # no message is that large
+
+
 @contextlib.asynccontextmanager
 async def _lifespan(_app):
     from streamlit.runtime.pages_manager import PagesManager
@@ -54,6 +66,7 @@ async def _lifespan(_app):
     # app.py navigates with st.navigation: never fall back to running a pages/ script alone
     # when a page URL is the server's first request (see pages/common.py).
     PagesManager.uses_pages_directory = False
+    no_message_cache()
     threading.Thread(target=warm_up, name="plankton-lens-warm-up", daemon=True).start()
     yield {}
 

@@ -297,7 +297,7 @@ def _threshold_panel(view: ScoredView, sets: dict[str, pd.DataFrame], s: dict[st
                       legend=dict(orientation="h", y=-0.25))
     st.plotly_chart(fig, key="ood_hist")
     st.caption(f"Values outside the 0.5–99.5 % range ({lo:.3g} … {hi:.3g}) are drawn at its edges. Flagged above the "
-               "threshold: " + ", ".join(f"{md_text(n)} {np.mean(s[n] > thr):.0%}" for n in shown if n in s))
+               f"threshold ({thr:.4g}): " + ", ".join(f"{md_text(n)} {np.mean(s[n] > thr):.0%}" for n in shown if n in s))
 
     _activations(view, sets, score, label, level, col, thr, sel_row)
 

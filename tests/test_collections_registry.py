@@ -36,6 +36,29 @@ def _unlabelled_zip(path: Path, n: int = 6) -> Path:
     return path
 
 
+def test_a_collection_file_is_opened_once_per_version(user_data):
+    """Every page run asks for its collection: a zip is scanned once per version (size, mtime), a
+    folder every time (its stamp does not see a file changed inside it)."""
+    from data.collections import add_collection
+    from data.sources import open_source
+
+    z = _unlabelled_zip(user_data / "once.zip", 6)
+    add_collection("once", z)
+    a = open_source("once")
+    assert open_source("once") is a and len(a.files()) == 6
+    before = z.stat().st_mtime_ns
+    _unlabelled_zip(z, 4)  # the file is replaced: a new version
+    os.utime(z, ns=(before + 10**9, before + 10**9))
+    b = open_source("once")
+    assert b is not a and len(b.files()) == 4 and open_source("once") is b
+    folder = user_data / "folder"
+    with zipfile.ZipFile(z) as zz:
+        zz.extractall(folder)
+    add_collection("folder", folder)
+    f = open_source("folder")
+    assert len(f.files()) == 4 and open_source("folder") is not f
+
+
 @needs_ecotaxa
 def test_add_list_open_and_remove_from_the_command_line(user_data):
     from data.sources import available_sources, open_source

@@ -300,6 +300,28 @@ def test_neighbour_position_is_a_weighted_mean_of_the_neighbours():
     assert xy[0, 0] < 5 and np.isnan(xy[1]).all()
 
 
+def test_grid_counts_equal_numpy_histogram2d():
+    """The density image's binning (one bincount) gives numpy's 2-D histogram exactly: counts,
+    weighted sums, edges, the right edge in the last bin and points outside the range left out."""
+    from explain.map_plot import grid_counts, view_range
+
+    rng = np.random.default_rng(1)
+    xy = np.concatenate([rng.normal(0, 1, (200_000, 2)), rng.normal(5, 0.3, (50_000, 2))])
+    x, y = xy[:, 0], xy[:, 1]
+    v = view_range(x, y)
+    for r in ([[v[0], v[1]], [v[2], v[3]]], [[-1.0, 1.0], [-2.0, 0.5]]):  # the whole map, and a window
+        for bins in (256, 64, 7):
+            ref, xe, ye = np.histogram2d(x, y, bins=bins, range=r)
+            got, gxe, gye = grid_counts(x, y, bins, r)
+            np.testing.assert_array_equal(got, ref)
+            np.testing.assert_allclose(gxe, xe) and np.testing.assert_allclose(gye, ye)
+        w = rng.random(len(x))
+        np.testing.assert_allclose(grid_counts(x, y, 64, r, weights=w)[0], np.histogram2d(x, y, 64, range=r, weights=w)[0])
+    edge = np.array([0.0, 1.0, 1.0, 1.5, -0.25])
+    np.testing.assert_array_equal(grid_counts(edge, edge[::-1], 4, [[0, 1], [0, 1]])[0],
+                                  np.histogram2d(edge, edge[::-1], 4, range=[[0, 1], [0, 1]])[0])
+
+
 def test_map_of_a_large_table_is_a_density_image_that_zooms_into_points(monkeypatch):
     """Above SCATTER_MAX points the map is a 2-D histogram drawn as a heatmap; a box on it gives a
     region whose points (at most REGION_MAX) are drawn as a scatter."""

@@ -108,6 +108,8 @@ def _assert_clean(pg, base: str) -> None:
     fetches and Streamlit's base-path probes (<page>/_stcore/health, host-config) on a deep URL."""
     exc = pg.locator("[data-testid='stException']")
     assert exc.count() == 0, exc.first.inner_text()[:2000]
+    lost = pg.get_by_text("Connection error", exact=True)  # Streamlit's dialog when the page is dead
+    assert lost.count() == 0, pg.locator("[role='dialog']").first.inner_text()[:500]
     host, bad = urlparse(base).netloc, []
     for text, url in pg.console_log:
         u = urlparse(url or "")
@@ -163,6 +165,26 @@ def test_browser_slider_moves_and_gallery_renders(streamlit_server, browser, sco
         "(b) => { const m = [...document.querySelectorAll('[data-testid=\"stMetric\"]')].find(e => e.innerText.includes('known images kept'));"
         " return m && m.querySelector('[data-testid=\"stMetricValue\"]').innerText !== b; }", arg=before, timeout=60_000)
     assert float(tpr.inner_text().rstrip("%")) < float(before.rstrip("%"))
+    # More moves: each reruns the threshold panel alone (a fragment). Streamlit's message cache
+    # used to fall out of step with the browser's after a few of them ("Connection error: Cached
+    # ForwardMsg MISS", a dead page); serve.py turns it off.
+    caption = page.locator("[data-testid='stCaptionContainer']", has_text="Flagged above the threshold")
+    for k in range(6):
+        shown = caption.inner_text()
+        for _ in range(20):
+            page.keyboard.press("ArrowRight" if k % 2 == 0 else "ArrowLeft")
+        page.wait_for_function(
+            "(b) => { const e = [...document.querySelectorAll('[data-testid=\"stCaptionContainer\"]')]"
+            ".find(e => e.innerText.includes('Flagged above the threshold')); return e && e.innerText !== b; }",
+            arg=shown, timeout=60_000)
+        wait_for_app(page, 120_000)
+        _assert_clean(page, streamlit_server)
+    page.locator("[data-testid='stButton'] button", has_text="Select").nth(1).click()  # a whole-page run
+    wait_for_app(page, 120_000)
+    thumb.focus()
+    page.keyboard.press("ArrowLeft")
+    wait_for_app(page, 120_000)
+    _assert_clean(page, streamlit_server)
     page.set_viewport_size({"width": 1500, "height": 3600})
     page.wait_for_timeout(1500)
     page.screenshot(path=str(ARTIFACTS / "anomalies.png"), full_page=True)
