@@ -37,7 +37,9 @@ def test_page_scores_threshold_and_gallery(scored_sample):
     assert at.title[0].value == "Anomalies"
     labels = [m.label for m in at.metric]
     assert any(lbl.startswith("TPR") for lbl in labels) and any(lbl.startswith("AUROC") for lbl in labels)
-    assert _metric(at, "TPR") == "95.0%"  # the slider starts at the threshold keeping 95 % of validation images
+    # The slider starts at the threshold keeping 95 % of validation images: the "higher" quantile of a
+    # finite set keeps at least 95 % (95.0 % on NDSB's validation split, 95.4 % on the shipped sample's).
+    assert 95.0 <= float(_metric(at, "TPR").rstrip("%")) < 96.0
     assert len(at.get("plotly_chart")) >= 3  # histogram + two logit bar charts
     assert "known (validation)" in at.multiselect(key="ood_shown").value
     buttons = [b for b in at.button if b.key and b.key.startswith("ood_pick_")]

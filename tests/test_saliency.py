@@ -56,8 +56,12 @@ def test_predict_topk_path_and_flags(zoo_model, images):
         assert len(probs) == min(5, model.num_classes(lvl))
         assert probs == sorted(probs, reverse=True)
         assert abs(p.probs[lvl].sum() - 1) < 1e-4
-        assert p.path[lvl] == model.class_names[lvl][int(p.probs[lvl].argmax())]
-    assert set(p.contradictions) == set(contradictions(model, p.path))
+        assert p.argmax[lvl] == model.class_names[lvl][int(p.probs[lvl].argmax())]  # the diagnostic
+    # The shown path (highest product of probabilities) follows the taxonomy; the flags are the argmaxes'.
+    assert contradictions(model, p.path) == {}
+    assert {lvl: p.path[lvl] for lvl in model.levels} == {lvl: model.taxonomy.path(p.path[model.levels[-1]])[lvl]
+                                                          for lvl in model.levels}
+    assert set(p.contradictions) == set(contradictions(model, p.argmax))
 
 
 def test_contradiction_flags(zoo_model):
