@@ -56,6 +56,9 @@ TOKENIZER = "open_clip SimpleTokenizer (bundled BPE, 49408 tokens)"
 TOWERS: dict[str, dict] = {
     "plankton_cnn_small": {"widths": (32, 64, 128, 256), "depths": (1, 1, 2, 1), "stem": 24},
     "plankton_cnn_tiny": {"widths": (8, 16, 24, 32), "depths": (1, 1, 1, 1), "stem": 8},
+    # the supervised classifiers' default trunk (models.architectures), for locked-image tuning
+    "plankton_cnn_base": {"widths": (48, 96, 192, 256), "depths": (1, 2, 2, 1), "stem": 32},
+    "plankton_cnn_base_blur": {"widths": (48, 96, 192, 256), "depths": (1, 2, 2, 1), "stem": 32, "stem_mode": "blur"},
 }
 
 
@@ -64,9 +67,9 @@ class PlanktonCNN(nn.Module):
     ``forward_head``) around the project's CompactResNet, for 1-channel input."""
 
     def __init__(self, widths: tuple[int, ...], depths: tuple[int, ...], stem: int, in_chans: int = 1,
-                 num_classes: int = 0, global_pool: str = "avg"):
+                 num_classes: int = 0, global_pool: str = "avg", stem_mode: str = "stride2"):
         super().__init__()
-        self.body = CompactResNet(in_chans, tuple(widths), tuple(depths), stem)
+        self.body = CompactResNet(in_chans, tuple(widths), tuple(depths), stem, stem_mode)
         self.num_features = int(widths[-1])
         self.default_cfg = self.pretrained_cfg = {"input_size": (in_chans, 64, 64), "pool_size": None}
         self.reset_classifier(num_classes, global_pool)
@@ -170,6 +173,17 @@ class PlanktonClip(nn.Module):
     def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         f = self.clip.encode_image(self.prepare(x))
         return F.normalize(f, dim=-1) if normalize else f
+
+    def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The image tower's pooled trunk features, before its projection head (locked-image
+        tuning trains the head and the text tower on these)."""
+        return self.clip.visual.trunk(self.prepare(x))
+
+    def embed_trunk_features(self, f: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Trunk features → image embeddings: ``encode_image(x)`` equals
+        ``embed_trunk_features(trunk_features(x))``."""
+        e = self.clip.visual.head(f)
+        return F.normalize(e, dim=-1) if normalize else e
 
     @torch.no_grad()
     def image_features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

@@ -14,6 +14,14 @@ learning rate anneals to whichever of ``--epochs`` and ``--minutes`` ends first;
 the final evaluation add about 2-4 minutes), then the model is evaluated on the test split and
 exported to the zoo (default ``models/zoo/ndsb-clip``; the manifest records ``train_time_s``
 and the whole run's ``wall_time_s``).
+
+Locked-image tuning (LiT, Zhai et al. 2022): ``--lock-image-from ndsb-bacnn-heldout`` starts the
+image tower from a supervised classifier's trunk (trained without the same held-out classes) and
+keeps it fixed; only the tower's projection head and the text tower learn. The trunk's features
+of every training image are computed once (``--lit-views`` views: the image as it is, then
+random rotations, flips and gains) and reused every epoch, so a step costs the text tower alone.
+
+    python -m models.clip_train --lock-image-from ndsb-bacnn-heldout --name ndsb-clip-lit --epochs 30
 """
 from __future__ import annotations
 
@@ -78,7 +86,76 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--oe-fraction", type=float, default=0.25, help="share of each batch turned into outliers")
     ap.add_argument("--freeze-bn", choices=["auto", "yes", "no"], default="auto",
                     help="keep the image tower's batch-norm statistics fixed (auto: yes with --init-from)")
+    ap.add_argument("--lock-image-from", default=None, metavar="NAME",
+                    help="locked-image tuning: the image trunk of this supervised zoo classifier, kept fixed "
+                         "(trained with the same held-out classes; its compact backbone)")
+    ap.add_argument("--lit-views", type=int, default=4,
+                    help="with --lock-image-from: views of each training image whose trunk features are cached "
+                         "(the first as it is, the others augmented)")
     return ap
+
+
+LIT_CONFIGS = {"stride2": "plankton-clip-lit", "blur": "plankton-clip-lit-blur"}
+
+
+def lock_image_tower(pc: PlanktonClip, classifier: torch.nn.Module) -> None:
+    """Copy a supervised classifier's compact trunk into ``pc``'s image tower and freeze it
+    (requires_grad off, batch-norm in eval mode: see :func:`set_train_mode`)."""
+    from .backbone import CompactResNet
+
+    src = getattr(classifier, "backbone", None)
+    if not isinstance(src, CompactResNet):
+        raise SystemExit(f"--lock-image-from: {type(classifier).__name__} has no compact backbone to lock "
+                         "(timm trunks are not supported as CLIP towers)")
+    body = pc.clip.visual.trunk.body
+    if body.widths != src.widths or len(body.stages) != len(src.stages):
+        raise SystemExit(f"--lock-image-from: trunk widths {src.widths} do not match the tower's {body.widths}")
+    try:
+        body.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        raise SystemExit(f"--lock-image-from: the trunk does not fit the CLIP tower: {e}") from None
+    for q in pc.clip.visual.trunk.parameters():
+        q.requires_grad_(False)
+
+
+def set_train_mode(pc: PlanktonClip, freeze_bn: bool, locked: bool) -> None:
+    """Training mode, with the image tower's batch-norm statistics fixed for a fine-tune and
+    the whole locked trunk in eval mode for locked-image tuning."""
+    pc.train()
+    if locked:
+        pc.clip.visual.trunk.eval()
+    if freeze_bn:  # a fine-tune keeps the base model's batch-norm statistics (see models.train)
+        for m in pc.clip.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+@torch.no_grad()
+def cached_trunk_features(pc: PlanktonClip, images: np.ndarray, views: int, seed: int, path: Path,
+                          progress: bool = True, batch_size: int = 512) -> torch.Tensor:
+    """(views, N, F) trunk features of uint8 images: view 0 the image as it is, the others
+    augmented (``models.train.augment``). Stored in ``path`` (reused by a resumed run when the
+    image count, views and seed match)."""
+    key = {"n": int(len(images)), "views": int(views), "seed": int(seed)}
+    if path.exists():
+        st = load_training_state(path)
+        if st.get("key") == json.dumps(key):
+            return st["features"]
+    pc.eval()
+    out = []
+    bar = tqdm(total=views * len(images), desc="locked trunk features", disable=not progress, unit="img")
+    for v in range(views):
+        g = torch.Generator().manual_seed(seed * 7919 + v)
+        feats = []
+        for i in range(0, len(images), batch_size):
+            x = images_to_tensor(np.asarray(images[i : i + batch_size]))
+            feats.append(pc.trunk_features(x if v == 0 else augment(x, g)))
+            bar.update(len(x))
+        out.append(torch.cat(feats))
+    bar.close()
+    f = torch.stack(out).contiguous()
+    save_training_state(path, {"key": json.dumps(key), "features": f})
+    return f
 
 
 CLIP_OE_KINDS = ["none", "chimera", "corruption", "mixed"]
@@ -146,12 +223,18 @@ class CaptionSampler:
 
 
 def train_step(pc: PlanktonClip, opt: torch.optim.Optimizer, x: torch.Tensor, tokens: torch.Tensor,
-               positives: torch.Tensor, outliers: torch.Tensor | None = None, oe_weight: float = 0.0) -> float:
+               positives: torch.Tensor, outliers: torch.Tensor | None = None, oe_weight: float = 0.0,
+               trunk_features: torch.Tensor | None = None) -> float:
     """One contrastive step; with ``outliers``, plus ``oe_weight`` × their flat-similarity loss
-    against the same captions (one image-tower pass for both)."""
+    against the same captions (one image-tower pass for both). With ``trunk_features`` (locked-
+    image tuning) the images are those cached features and ``x`` is not used."""
     clip = pc.clip
-    n = x.shape[0]
-    img = pc.encode_image(x if outliers is None else torch.cat([x, outliers]).contiguous(memory_format=torch.channels_last))
+    if trunk_features is not None:
+        n = trunk_features.shape[0]
+        img = pc.embed_trunk_features(trunk_features)
+    else:
+        n = x.shape[0]
+        img = pc.encode_image(x if outliers is None else torch.cat([x, outliers]).contiguous(memory_format=torch.channels_last))
     txt = pc.encode_text_tokens(tokens)
     logits = clip.logit_scale.exp() * img @ txt.T
     loss = multi_positive_loss(logits[:n], positives)
@@ -159,7 +242,7 @@ def train_step(pc: PlanktonClip, opt: torch.optim.Optimizer, x: torch.Tensor, to
         loss = loss + oe_weight * flat_similarity_loss(logits[n:])
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(clip.parameters(), 5.0)
+    torch.nn.utils.clip_grad_norm_([q for q in clip.parameters() if q.requires_grad], 5.0)
     opt.step()
     with torch.no_grad():
         clip.logit_scale.clamp_(0, math.log(100))
@@ -223,7 +306,20 @@ def train(argv: list[str] | None = None) -> dict:
     held_val = subset(df, images, known_tax, "val", heldout=True)
     mean, std = float(train_set.images.mean() / 255.0), float(train_set.images.std() / 255.0)
     pp = {"size": 64, "channels": 1, "polarity": "foreground", "mean": round(mean, 4), "std": round(std, 4)}
-    base, init_sha = None, None
+    base, init_sha, locked, lock_sha = None, None, None, None
+    if args.lock_image_from:
+        if args.init_from or args.outlier_exposure != "none":
+            raise SystemExit("--lock-image-from cannot be combined with --init-from or --outlier-exposure")
+        lm = open_model(args.lock_image_from)
+        if lm.kind != "classifier":
+            raise SystemExit(f"--lock-image-from {args.lock_image_from}: a supervised classifier is needed, not kind {lm.kind!r}")
+        if sorted(lm.manifest.get("heldout") or []) != sorted(held):
+            raise SystemExit(f"--lock-image-from {args.lock_image_from}: it was trained with other held-out classes "
+                             "(the zero-shot classes must be unseen by the image tower too)")
+        locked, lock_sha = lm.classifier, lm.sha256
+        pp = dict(lm.preprocessing)
+        if args.config == DEFAULT_CONFIG:
+            args.config = LIT_CONFIGS.get(str(lm.manifest.get("config", {}).get("stem_mode", "stride2")), args.config)
     if args.init_from:
         lm = open_model(args.init_from)
         base, base_man = lm.require_clip(), lm.manifest
@@ -236,6 +332,9 @@ def train(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--init-from {args.init_from}: config {base.model_name!r}, not {pc.model_name!r}")
         pc.clip.load_state_dict(base.clip.state_dict())
         del base
+    if locked is not None:
+        lock_image_tower(pc, locked)
+        del locked
     freeze_bn = args.freeze_bn == "yes" or (args.freeze_bn == "auto" and bool(args.init_from))
     pc.clip.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(pc.clip, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -249,6 +348,10 @@ def train(argv: list[str] | None = None) -> dict:
     budget = args.minutes * 60 if args.minutes else None
 
     state_path = run_dir / "last.pt"
+    lit_features = None
+    if args.lock_image_from:
+        lit_features = cached_trunk_features(pc, train_set.images, max(1, args.lit_views), args.seed,
+                                             run_dir / "lit_features.pt", progress)
     epoch, batch, step, elapsed, history, wall0 = 0, 0, 0, 0.0, [], 0.0
     t_start = time.time()
     if state_path.exists() and not args.fresh:
@@ -276,11 +379,7 @@ def train(argv: list[str] | None = None) -> dict:
     done = progress_of(step, elapsed) >= 1 or (args.max_steps is not None and step >= args.max_steps)
     last_save = time.time()
     while epoch < args.epochs and not done:
-        pc.train()
-        if freeze_bn:  # a fine-tune keeps the base model's batch-norm statistics (see models.train)
-            for m in pc.clip.modules():
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        set_train_mode(pc, freeze_bn, lit_features is not None)
         rng = np.random.default_rng(args.seed * 1000 + epoch)
         order = rng.choice(n_train, n_train, p=probs) if probs is not None else rng.permutation(n_train)
         g = torch.Generator().manual_seed(args.seed * 1000003 + epoch * 1009 + batch)
@@ -297,13 +396,17 @@ def train(argv: list[str] | None = None) -> dict:
             for grp in opt.param_groups:
                 grp["lr"] = lr
             idx = np.sort(order[b * bs : (b + 1) * bs])
-            x = augment(images_to_tensor(train_set.images[idx]), g).contiguous(memory_format=torch.channels_last)
             tokens, pos = captions.sample(labels[idx], crng)
-            xo = None
+            x, xo, tf = None, None, None
+            if lit_features is not None:
+                views = crng.integers(lit_features.shape[0], size=len(idx))
+                tf = lit_features[torch.from_numpy(views), torch.from_numpy(idx)]
+            else:
+                x = augment(images_to_tensor(train_set.images[idx]), g).contiguous(memory_format=torch.channels_last)
             if args.outlier_exposure != "none":
                 xo = clip_outliers(x, torch.from_numpy(labels[idx].astype(np.int64)), args.outlier_exposure,
                                    args.oe_fraction, g)
-            loss = train_step(pc, opt, x, tokens, pos, xo, args.oe_weight)
+            loss = train_step(pc, opt, x, tokens, pos, xo, args.oe_weight, tf)
             step, batch, seen = step + 1, b + 1, seen + len(idx)
             elapsed += time.time() - t0
             run_loss = loss if run_loss is None else 0.98 * run_loss + 0.02 * loss
@@ -331,6 +434,8 @@ def train(argv: list[str] | None = None) -> dict:
         command=command, metrics=metrics, history=history, train_args=vars(args), train_images=n_train,
         train_steps=step, train_time_s=round(elapsed, 1), wall_time_s=round(wall0 + time.time() - t_start, 1),
         captions=len(captions.captions), init_from=args.init_from, init_sha256=init_sha,
+        locked_image_from=None if not args.lock_image_from else
+        {"model": args.lock_image_from, "sha256": lock_sha, "views": max(1, args.lit_views)},
         outlier_exposure=None if args.outlier_exposure == "none" else
         {"kind": args.outlier_exposure, "weight": args.oe_weight, "fraction": args.oe_fraction, "freeze_bn": freeze_bn},
     )

@@ -320,6 +320,56 @@ def test_fine_tune_with_outlier_exposure_records_its_base_and_keeps_batch_norm(t
     assert any(not torch.equal(base[k], tuned[k]) for k in base if k.endswith("weight"))  # but it did train
 
 
+def test_locked_image_tuning_keeps_the_supervised_trunk_and_trains_the_rest(tiny, images):
+    """LiT: the image tower is a supervised classifier's trunk (written here, trained without the
+    same held-out classes), copied exactly and kept fixed; the projection head and the text
+    tower learn on cached trunk features; a CLIP or a model with other held-out classes is refused."""
+    from models.clip_model import create_clip, load_clip_checkpoint
+    from models.handle import open_model
+    from models.train import train as train_classifier
+
+    tmp = tiny["tmp"]
+    train_classifier(["--arch", "bacnn", "--dataset", "ndsb", "--holdout", "default", "--limit-per-class", "3",
+                      "--max-steps", "2", "--batch-size", "48", "--epochs", "1", "--name", "tiny-sup-heldout",
+                      "--export-dir", str(tmp / "zoo"), "--runs-dir", str(tmp / "runs"), "--threads", "1",
+                      "--no-progress", "--fresh"])
+    sup = open_model("tiny-sup-heldout")
+    assert sorted(sup.manifest["heldout"]) == sorted(tiny["manifest"]["heldout"])
+    from models.clip_train import train
+
+    argv = ["--lock-image-from", "tiny-sup-heldout", "--lit-views", "2", "--limit-per-class", "3", "--max-steps", "3",
+            "--batch-size", "48", "--export-dir", str(tmp / "zoo"), "--runs-dir", str(tmp / "runs"),
+            "--name", "tiny-clip-lit", "--threads", "1", "--no-progress", "--fresh"]
+    res = train(argv)
+    pc, man = load_clip_checkpoint(res["manifest"])
+    assert man["open_clip_model"] == "plankton-clip-lit-blur"  # the tower of the trunk's stem (blur by default)
+    assert man["locked_image_from"] == {"model": "tiny-sup-heldout", "sha256": sup.sha256, "views": 2}
+    assert man["preprocessing"] == sup.preprocessing
+    src = sup.classifier.backbone.state_dict()
+    body = pc.clip.visual.trunk.body.state_dict()
+    assert set(src) == set(body) and all(torch.equal(src[k], body[k]) for k in src)  # weights and BN statistics
+    fresh = create_clip("plankton-clip-lit-blur", man["preprocessing"]).clip.state_dict()
+    tuned = pc.clip.state_dict()
+    assert not torch.equal(fresh["visual.head.proj.weight"], tuned["visual.head.proj.weight"])
+    assert any(not torch.equal(fresh[k], tuned[k]) for k in tuned if k.startswith("transformer."))
+    # an image embedding is the head applied to the trunk's features, as in training
+    from models.base import images_to_tensor
+
+    x = images_to_tensor(images[1][:8])
+    with torch.no_grad():
+        assert torch.allclose(pc.encode_image(x), pc.embed_trunk_features(pc.trunk_features(x)), atol=1e-6)
+    cached = torch.load(tmp / "runs" / "tiny-clip-lit" / "lit_features.pt", weights_only=True)["features"]
+    assert cached.shape[0] == 2 and cached.shape[2] == pc.clip.visual.trunk.num_features
+    assert not torch.allclose(cached[0], cached[1])  # the second view is augmented
+    with pytest.raises(SystemExit, match="supervised classifier"):
+        train(argv[:1] + ["tiny-clip"] + argv[2:-2] + ["--name", "tiny-clip-lit-bad"])
+    train_classifier(["--arch", "flat", "--dataset", "ndsb", "--limit-per-class", "3", "--max-steps", "1",
+                      "--batch-size", "48", "--epochs", "1", "--name", "tiny-sup-all", "--export-dir", str(tmp / "zoo"),
+                      "--runs-dir", str(tmp / "runs"), "--threads", "1", "--no-progress", "--fresh"])
+    with pytest.raises(SystemExit, match="other held-out classes"):
+        train(argv[:1] + ["tiny-sup-all"] + argv[2:-2] + ["--name", "tiny-clip-lit-bad"])
+
+
 def test_checkpoint_round_trip_and_tamper_refusal(tiny, tmp_path):
     from models.checkpoint import CheckpointError
     from models.clip_model import load_clip_checkpoint, save_clip_checkpoint
