@@ -21,7 +21,7 @@ keeps it fixed; only the tower's projection head and the text tower learn. The t
 of every training image are computed once (``--lit-views`` views: the image as it is, then
 random rotations, flips and gains) and reused every epoch, so a step costs the text tower alone.
 
-    python -m models.clip_train --lock-image-from ndsb-bacnn-heldout --name ndsb-clip-lit --epochs 30
+    python -m models.clip_train --lock-image-from ndsb-bacnn-heldout --name ndsb-clip-lit --epochs 40 --minutes 20
 """
 from __future__ import annotations
 
@@ -132,11 +132,11 @@ def set_train_mode(pc: PlanktonClip, freeze_bn: bool, locked: bool) -> None:
 
 @torch.no_grad()
 def cached_trunk_features(pc: PlanktonClip, images: np.ndarray, views: int, seed: int, path: Path,
-                          progress: bool = True, batch_size: int = 512) -> torch.Tensor:
+                          source: str = "", progress: bool = True, batch_size: int = 512) -> torch.Tensor:
     """(views, N, F) trunk features of uint8 images: view 0 the image as it is, the others
     augmented (``models.train.augment``). Stored in ``path`` (reused by a resumed run when the
-    image count, views and seed match)."""
-    key = {"n": int(len(images)), "views": int(views), "seed": int(seed)}
+    trunk's ``source`` (its sha256), the image count, views and seed match)."""
+    key = {"source": source, "n": int(len(images)), "views": int(views), "seed": int(seed)}
     if path.exists():
         st = load_training_state(path)
         if st.get("key") == json.dumps(key):
@@ -351,7 +351,7 @@ def train(argv: list[str] | None = None) -> dict:
     lit_features = None
     if args.lock_image_from:
         lit_features = cached_trunk_features(pc, train_set.images, max(1, args.lit_views), args.seed,
-                                             run_dir / "lit_features.pt", progress)
+                                             run_dir / "lit_features.pt", lock_sha or "", progress)
     epoch, batch, step, elapsed, history, wall0 = 0, 0, 0, 0.0, [], 0.0
     t_start = time.time()
     if state_path.exists() and not args.fresh:
