@@ -114,11 +114,18 @@ def build_index(vectors: np.ndarray, metric: str = "l2", kind: str = "auto", exa
     return index
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(index: faiss.Index, queries: np.ndarray, k: int,
+           vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest indexed vectors of each query: (distances, ids), each (Q, k).
 
     For an L2 index the distances are Euclidean (not squared); for an inner-product index they
     are the similarities. Missing neighbours (k > N) have id -1 and distance inf.
+
+    ``vectors`` (the indexed vectors, row ``i`` = id ``i``): the found neighbours' distances are
+    recomputed exactly, in float64 from the differences, and the neighbours re-sorted by them.
+    FAISS computes ``|q|² + |v|² − 2 q·v`` in float32, which loses precision for near neighbours
+    (the square root amplifies it: ±1e-5 at a distance of 0.04) and depends on how many queries
+    are searched together, so the same image would score differently in batches of another size.
     """
     q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
     if q.ndim == 1:
@@ -126,23 +133,42 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     if k < 1:
         raise ValueError("k must be at least 1")
     dist, ids = index.search(q, int(k))
+    if vectors is not None:
+        return _exact(q, vectors, ids, index.metric_type == faiss.METRIC_L2)
     if index.metric_type == faiss.METRIC_L2:
         dist = np.sqrt(np.maximum(dist, 0.0))
     dist = np.where(ids < 0, np.inf, dist).astype(np.float32)
     return dist, ids
 
 
-def knn_score(index: faiss.Index, queries: np.ndarray, k: int = KNN_K, exclude_self: bool = False) -> np.ndarray:
+def _exact(q: np.ndarray, vectors: np.ndarray, ids: np.ndarray, l2: bool, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (float64) distances or similarities of ``q`` to ``vectors[ids]``, neighbours re-sorted by them."""
+    dist = np.empty(ids.shape, np.float64)
+    for a in range(0, len(q), block):
+        i = ids[a:a + block]
+        v = np.asarray(vectors[np.maximum(i, 0)], np.float64)
+        qq = q[a:a + block, None, :].astype(np.float64)
+        dist[a:a + block] = np.sqrt(((v - qq) ** 2).sum(-1)) if l2 else (v * qq).sum(-1)
+    dist[ids < 0] = np.inf if l2 else -np.inf
+    order = np.argsort(dist if l2 else -dist, axis=1, kind="stable")
+    dist, ids = np.take_along_axis(dist, order, 1), np.take_along_axis(ids, order, 1)
+    if not l2:
+        dist[ids < 0] = np.inf
+    return dist.astype(np.float32), ids
+
+
+def knn_score(index: faiss.Index, queries: np.ndarray, k: int = KNN_K, exclude_self: bool = False,
+              vectors: np.ndarray | None = None) -> np.ndarray:
     """kNN OOD score (Sun et al. 2022): Euclidean distance from each L2-normalised query to its
     k-th nearest neighbour in ``index`` (which must hold L2-normalised vectors). Higher = more anomalous.
 
     ``exclude_self=True`` means query ``i`` is indexed vector ``i`` (scoring the gallery itself):
-    its own match is left out.
+    its own match is left out. ``vectors``: the indexed vectors, for exact distances (:func:`search`).
     """
     q = normalise(queries)
     if not exclude_self:
-        return search(index, q, k)[0][:, k - 1]
-    dist, ids = search(index, q, k + 1)
+        return search(index, q, k, vectors)[0][:, k - 1]
+    dist, ids = search(index, q, k + 1, vectors)
     return drop_self(dist, ids, np.arange(len(q)), k)[0][:, k - 1]
 
 
@@ -200,7 +226,7 @@ def drop_self(dist: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tup
 def neighbour_table(gallery: Gallery, embedding: np.ndarray, k: int = 10, exclude_id: int | None = None) -> pd.DataFrame:
     """The ``k`` nearest known images of one embedding: rank, gallery id, manifest columns, distance."""
     extra = 1 if exclude_id is not None else 0
-    dist, ids = search(gallery.index, normalise(embedding), k + extra)
+    dist, ids = search(gallery.index, normalise(embedding), k + extra, gallery.vectors)
     dist, ids = dist[0], ids[0]
     ok = (ids >= 0) & (ids != (exclude_id if exclude_id is not None else -2))
     dist, ids = dist[ok][:k], ids[ok][:k]
@@ -265,7 +291,7 @@ def query(model_name: str, image_bytes: bytes, k: int = 10, background: int | No
         own = int(hit[0]) if len(hit) else -1
     t = neighbour_table(g, emb, k, exclude_id=own if own >= 0 else None)
     vote = neighbour_vote(t, g.levels)
-    dist, ids = search(g.index, normalise(emb), KNN_K + 1)
+    dist, ids = search(g.index, normalise(emb), KNN_K + 1, g.vectors)
     score = drop_self(dist, ids, np.array([own]), KNN_K)[0][0, KNN_K - 1]
     out = {
         "neighbours": [{"path": r["relpath"], "dataset": r["dataset"], "label": r[g.levels[-1]],

@@ -215,8 +215,8 @@ def knn_scores(train_embeddings: np.ndarray, query_embeddings: np.ndarray, k: in
     """kNN score: distance from each L2-normalised query to its k-th nearest training embedding."""
     from .neighbours import KNN_K, build_index, knn_score, normalise
 
-    index = build_index(normalise(train_embeddings))
-    return knn_score(index, query_embeddings, KNN_K if k is None else k).astype(np.float64)
+    train = normalise(train_embeddings)
+    return knn_score(build_index(train), query_embeddings, KNN_K if k is None else k, vectors=train).astype(np.float64)
 
 
 @register_score("knn", "kNN distance (embedding)", "features")
@@ -224,8 +224,9 @@ def _knn(train_embeddings: np.ndarray, train_labels: np.ndarray) -> Callable[[np
     """kNN score fitted on the training embeddings (labels unused): the k-th nearest distance."""
     from .neighbours import KNN_K, build_index, knn_score, normalise
 
-    index = build_index(normalise(train_embeddings))
-    return lambda emb: knn_score(index, emb, KNN_K).astype(np.float64)
+    train = normalise(train_embeddings)
+    index = build_index(train)
+    return lambda emb: knn_score(index, emb, KNN_K, vectors=train).astype(np.float64)
 
 
 @register_score("mahalanobis", "Mahalanobis distance (embedding)", "features")

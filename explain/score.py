@@ -167,7 +167,7 @@ def score_outputs(lm: LensModel, embeddings: np.ndarray, logits: dict[str, np.nd
         for lvl in model.levels:
             df[f"ood_{s}_{lvl}"] = logit_score(logits[lvl], s).astype(np.float32) if n else np.zeros(0, np.float32)
     if gallery is not None and n:
-        dist, ids = search(gallery.index, normalise(embeddings), KNN_K + 1)
+        dist, ids = search(gallery.index, normalise(embeddings), KNN_K + 1, gallery.vectors)
         dist, ids = drop_self(dist, ids, own, KNN_K)
         df["knn_score"] = dist[:, KNN_K - 1].astype(np.float32)
         df["nn_distance"] = dist[:, 0].astype(np.float32)

@@ -237,7 +237,7 @@ def upload_panel(view: ScoredView, g: Gallery | None, m: TableMap | None, name: 
         st.image(up["display"], width=160)
         st.markdown(f"Uploaded: {md_text(name, code=True)}")
         if g is not None:
-            knn_line(view, float(knn_score(g.index, up["emb"][None], KNN_K)[0]), keep)
+            knn_line(view, float(knn_score(g.index, up["emb"][None], KNN_K, vectors=g.vectors)[0]), keep)
         if up["how"] == EXACT:
             st.caption("Placed on the map with UMAP `transform` (the yellow star).")
         elif up["how"] == APPROX:

@@ -92,6 +92,28 @@ def test_knn_score_excludes_self_matches():
     assert ii.shape == (3, 5) and not (ii == np.arange(3)[:, None]).any()
 
 
+def test_distances_with_the_indexed_vectors_are_exact_and_do_not_depend_on_the_batch():
+    """Near neighbours of normalised vectors: FAISS's float32 |q|²+|v|²−2q·v loses digits (and
+    differs with how many queries go together); with ``vectors`` the distances are float64-exact."""
+    x = normalise(_clustered(3000, d=64))
+    q = normalise(x[:300] + 0.01 * np.random.default_rng(3).normal(size=(300, 64)).astype(np.float32))
+    index = build_index(x)
+    dist, ids = search(index, q, 8, vectors=x)
+    true = np.sqrt(((x[ids].astype(np.float64) - q[:, None].astype(np.float64)) ** 2).sum(-1))
+    np.testing.assert_allclose(dist, true, rtol=1e-6, atol=1e-7)
+    assert (np.diff(dist, axis=1) >= 0).all()  # re-sorted by the exact distance
+    parts = [search(index, q[a:a + 7], 8, vectors=x) for a in range(0, 300, 7)]
+    np.testing.assert_array_equal(np.concatenate([d for d, _ in parts]), dist)
+    np.testing.assert_allclose(knn_score(index, q, k=8, vectors=x), dist[:, 7], rtol=1e-6)  # q normalised again
+    # Inner-product indexes: exact similarities, best first; missing neighbours stay marked.
+    s, i = search(build_index(x[:3], metric="ip"), q[:2], 5, vectors=x[:3])
+    np.testing.assert_allclose(s[:, :3], (x[i[:, :3]] * q[:2, None]).sum(-1), rtol=1e-6)
+    assert (np.diff(s[:, :3], axis=1) <= 0).all()
+    assert (i[:, 3:] == -1).all() and np.isinf(s[:, 3:]).all()
+    d3, i3 = search(build_index(x[:3]), q[:2], 5, vectors=x[:3])
+    assert (i3[:, 3:] == -1).all() and np.isinf(d3[:, 3:]).all()
+
+
 def test_neighbour_vote_majority_and_tie_break():
     t = pd.DataFrame({"group": ["a", "b", "b", "a", "c"], "class": ["a1", "b1", "b2", "a2", "c1"],
                       "distance": [0.1, 0.2, 0.3, 0.4, 0.5]})
