@@ -22,10 +22,12 @@ $PY - "$OUT" "$EPOCHS" <<'EOF'
 """The comparison table, in the layout of docs/results.md's classifier table (models.evaluate's own)."""
 import json, sys
 from pathlib import Path
-from models.evaluate import results_table
+from models.evaluate import learning_curves, results_table
 out, epochs = Path(sys.argv[1]), sys.argv[2]
 reports = [json.loads((out / f"cmp{epochs}-{a}.eval.json").read_text()) for a in ["flat", "bcnn", "bacnn", "sbacnn"]]
 for r in reports:
     r["model"] = Path(r["model"]).stem
 print(results_table(reports))
+print()
+print(learning_curves([str(out / f"cmp{epochs}-{a}.json") for a in ["flat", "bcnn", "bacnn", "sbacnn"]]))
 EOF

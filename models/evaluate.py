@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
+from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .data import load_dataset, subset
@@ -66,14 +66,17 @@ def results_table(reports: list[dict]) -> str:
 
 
 def learning_curves(names: list[str]) -> str:
-    """Validation accuracy per epoch (from the training history in each manifest), as a table."""
+    """Validation accuracy per epoch (from the training history in each manifest), as a table.
+    A name is a zoo model or a manifest's path (shown by its stem)."""
     from .checkpoint import read_manifest
     from .zoo import manifest_path
 
     rows = ["| model | epoch | train loss | val acc living | group | subgroup | class | val log loss | elapsed (s) |",
             "|---|---|---|---|---|---|---|---|---|"]
-    for n in names:
-        m = read_manifest(manifest_path(n))
+    for name in names:
+        path = Path(name) if name.endswith(".json") else manifest_path(name)
+        n = Path(name).stem if name.endswith(".json") else name
+        m = read_manifest(path)
         for h in m.get("history", []):
             a = h["val_accuracy"]
             rows.append(f"| {n} | {h['epoch']} | {h['train_loss']:.3f} | " + " | ".join(f"{100 * a[k]:.1f}" for k in a)

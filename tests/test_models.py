@@ -403,6 +403,18 @@ def test_evaluate_cli_json_shape():
     assert set(r["level1_recall"]) == {"living", "non-living", "unknown", "balanced_accuracy"}
 
 
+def test_learning_curves_read_a_manifest_outside_the_zoo(tmp_path):
+    """bench/compare_archs.sh tabulates manifests in runs/compare, which the zoo does not list."""
+    from models.evaluate import learning_curves
+
+    hist = [{"epoch": e, "train_loss": 5.0 - e, "val_accuracy": {"living": 0.9, "group": 0.7, "subgroup": 0.6, "class": 0.1 * e},
+             "val_log_loss": 2.0 / e, "elapsed_s": 100.0 * e} for e in (1, 2)]
+    (tmp_path / "cmp2-flat.json").write_text(json.dumps({"name": "cmp2-flat", "history": hist}))
+    rows = learning_curves([str(tmp_path / "cmp2-flat.json")]).splitlines()
+    assert rows[2:] == ["| cmp2-flat | 1 | 4.000 | 90.0 | 70.0 | 60.0 | 10.0 | 2.000 | 100 |",
+                        "| cmp2-flat | 2 | 3.000 | 90.0 | 70.0 | 60.0 | 20.0 | 1.000 | 200 |"]
+
+
 def test_zoo_cli_json():
     out = subprocess.run([sys.executable, "-m", "models.zoo", "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
