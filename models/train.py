@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fresh", action="store_true", help="ignore a previous run's state instead of resuming")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--ema", type=float, default=0.999,
-                    help="decay of the exponential moving average of the weights that is validated and exported (0 = off)")
+                    help="decay of the exponential moving average of the weights, validated beside the raw weights; the better of the two is exported (0 = off)")
     ap.add_argument("--backbone", default="compact",
                     help="compact (the project's ResNet) or timm/NAME (any timm architecture, random init; flat, bcnn, bacnn)")
     ap.add_argument("--stem", choices=["blur", "stride2"], default="blur",
@@ -306,12 +306,18 @@ def train(argv: list[str] | None = None) -> dict:
             raw = evaluate_predictions(predict_arrays(model, val_set.images, device=args.device), val_set.labels, tax)
             entry["val_accuracy_raw"] = {lvl: round(raw["levels"][lvl]["accuracy"], 4) for lvl in model.levels}
             entry["val_log_loss_raw"] = round(raw["leaf"]["log_loss"], 4)
+        # The better of the EMA and the raw weights on validation is the epoch's candidate (the
+        # EMA first on a tie): with few steps per epoch the EMA spans many epochs, and the batch-norm
+        # statistics it copies belong to the raw weights (ZooLake at 24 epochs: 89.4 vs 90.2 %).
+        candidates = [(rep["leaf"]["accuracy"], "ema" if ema is not None else "raw", evaluated)]
+        if ema is not None:
+            candidates.append((raw["leaf"]["accuracy"], "raw", model))
+        score, entry["kept"], kept = max(candidates, key=lambda c: c[0])
         history.append(entry)
         print(json.dumps(entry), file=sys.stderr, flush=True)
-        score = rep["leaf"]["accuracy"]
         if score > best:
             best = score
-            torch.save(evaluated.state_dict(), run_dir / "best.pt")
+            torch.save(kept.state_dict(), run_dir / "best.pt")
         state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                  "epoch": epoch + 1, "best": best, "history": json.dumps(history)}
         if ema is not None:

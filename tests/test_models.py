@@ -369,6 +369,9 @@ def test_train_cli_checkpoints_and_resumes(tmp_path):
     assert manifest["config"]["stem_mode"] == "blur"
     h = manifest["history"][-1]
     assert set(h["val_accuracy_raw"]) == set(model.levels)  # the EMA ablation's raw figures
+    for h in manifest["history"]:  # each epoch's candidate is the better of the EMA and the raw weights
+        leaf = model.levels[-1]
+        assert h["kept"] == ("raw" if h["val_accuracy_raw"][leaf] > h["val_accuracy"][leaf] else "ema")
     state = torch.load(tmp_path / "runs" / "ndsb-flat" / "last.pt", weights_only=True)
     assert state["ema"]["updates"] > 0  # the EMA resumes with the run
 
