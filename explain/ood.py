@@ -213,20 +213,22 @@ def fit_mahalanobis(embeddings: np.ndarray, labels: np.ndarray, shrinkage: float
 
 def knn_scores(train_embeddings: np.ndarray, query_embeddings: np.ndarray, k: int | None = None) -> np.ndarray:
     """kNN score: distance from each L2-normalised query to its k-th nearest training embedding."""
+    return _knn_fitted(train_embeddings, k)(query_embeddings)
+
+
+def _knn_fitted(train_embeddings: np.ndarray, k: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The k-th nearest distance to the L2-normalised training embeddings (exact distances)."""
     from .neighbours import KNN_K, build_index, knn_score, normalise
 
     train = normalise(train_embeddings)
-    return knn_score(build_index(train), query_embeddings, KNN_K if k is None else k, vectors=train).astype(np.float64)
+    index, k = build_index(train), KNN_K if k is None else k
+    return lambda emb: knn_score(index, emb, k, vectors=train).astype(np.float64)
 
 
 @register_score("knn", "kNN distance (embedding)", "features")
 def _knn(train_embeddings: np.ndarray, train_labels: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """kNN score fitted on the training embeddings (labels unused): the k-th nearest distance."""
-    from .neighbours import KNN_K, build_index, knn_score, normalise
-
-    train = normalise(train_embeddings)
-    index = build_index(train)
-    return lambda emb: knn_score(index, emb, KNN_K, vectors=train).astype(np.float64)
+    return _knn_fitted(train_embeddings)
 
 
 @register_score("mahalanobis", "Mahalanobis distance (embedding)", "features")

@@ -74,9 +74,8 @@ def learning_curves(names: list[str]) -> str:
     rows = ["| model | epoch | train loss | val acc living | group | subgroup | class | val log loss | elapsed (s) |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
-        path = Path(name) if name.endswith(".json") else manifest_path(name)
-        n = Path(name).stem if name.endswith(".json") else name
-        m = read_manifest(path)
+        is_path = name.endswith(".json")
+        n, m = (Path(name).stem, read_manifest(name)) if is_path else (name, read_manifest(manifest_path(name)))
         for h in m.get("history", []):
             a = h["val_accuracy"]
             rows.append(f"| {n} | {h['epoch']} | {h['train_loss']:.3f} | " + " | ".join(f"{100 * a[k]:.1f}" for k in a)
