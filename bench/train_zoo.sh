@@ -9,6 +9,9 @@ T="$PY -m models.train --dataset ndsb --no-progress"
 # Issue 17: the default model, 18 epochs with weight EMA and the blur stem (the first zoo's
 # ndsb-bacnn: 10 epochs, stride-2 stem, no EMA; the other three models are still that recipe).
 [ -f models/zoo/ndsb-bacnn.json ]  || $T --arch bacnn --epochs 18
+# Issue 17: then its level heads refitted on the frozen, un-augmented training features
+# (models/refit.py; the manifest keeps the training run's and adds "refit").
+grep -q '"refit"' models/zoo/ndsb-bacnn.json || $PY -m models.refit --model ndsb-bacnn --export-dir models/zoo
 [ -f models/zoo/ndsb-flat.json ]   || $T --arch flat --epochs 5
 [ -f models/zoo/ndsb-bcnn.json ]   || $T --arch bcnn --epochs 5
 [ -f models/zoo/ndsb-sbacnn.json ] || $T --arch sbacnn --epochs 5

@@ -88,6 +88,9 @@ class FlatCNN(_TreeMixin, HierarchicalClassifier):
         out["class"] = leaf
         return {lvl: out[lvl] for lvl in self.levels}, f
 
+    def linear_heads(self):
+        return {"class": self.head}  # the other levels are sums of the leaf's probabilities
+
     @property
     def gradcam_layer(self):
         return self.backbone.stages[-1]
@@ -118,6 +121,9 @@ class BranchCNN(HierarchicalClassifier):
         stages = [gap(s) for s in self.backbone.forward_stages(x)]
         out = {lvl: self.heads[lvl](stages[s]) for lvl, s in zip(self.levels, self.branch_stages)}
         return out, stages[self.branch_stages[-1]]
+
+    def linear_heads(self):
+        return {lvl: self.heads[lvl][-1] for lvl in self.levels}
 
     @property
     def gradcam_layer(self):
@@ -152,6 +158,9 @@ class BranchAttentionCNN(HierarchicalClassifier):
         z = torch.einsum("nlb,nbd->nld", alpha, feats)
         out = {lvl: self.heads[lvl](z[:, i]) for i, lvl in enumerate(self.levels)}
         return out, z[:, -1]
+
+    def linear_heads(self):
+        return {lvl: self.heads[lvl][-1] for lvl in self.levels}
 
     @property
     def gradcam_layer(self):

@@ -52,6 +52,11 @@ class HierarchicalClassifier(nn.Module):
     def gradcam_layer(self) -> nn.Module:
         raise NotImplementedError
 
+    def linear_heads(self) -> dict[str, nn.Linear]:
+        """Per level, the final ``nn.Linear`` whose output is that level's logits, for the levels
+        that have one (``models.refit`` refits them); none by default."""
+        return {}
+
     # --- shared -------------------------------------------------------------------------
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self._mean) / self._std
