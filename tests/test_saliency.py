@@ -82,10 +82,11 @@ def test_integrated_gradients_completeness(zoo_model, images):
     """Attributions sum to f(x) − f(baseline) (Sundararajan et al. 2017), within 3 %, and the
     returned convergence delta is that gap. The leaf's logit converges with 256 steps; the root's
     logits are log-sums of the leaf's probabilities, whose path integral is steeper and whose
-    difference to the black baseline is small (≈ 0.5), so the root is checked with 1,024 steps on
-    the image that needed them (on the default model, its gap is 10 % at 256 steps, 3 % at 1,024)."""
+    difference to the black baseline is small (0.24 here), so the root is checked with 4,096 steps
+    on the image that needed them (on the default, refitted model its gap is 37 % at 256 steps, 11 % at
+    1,024, 3.6 % at 2,048 and 0.1 % at 4,096: the Riemann error shrinks as it should)."""
     model, _ = zoo_model
-    cases = [(x, model.levels[-1], 256) for x in images[0][:2]] + [(images[0][0], model.levels[0], 1024)]
+    cases = [(x, model.levels[-1], 256) for x in images[0][:2]] + [(images[0][0], model.levels[0], 4096)]
     for x, lvl, steps in cases:
         t = target_index(model, lvl, None, x)
         attr, delta = attribute(model, x, lvl, t, "integrated_gradients", n_steps=steps, internal_batch_size=256,
