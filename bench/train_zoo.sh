@@ -17,6 +17,7 @@ grep -q '"refit"' models/zoo/ndsb-bacnn.json || $PY -m models.refit --model ndsb
 [ -f models/zoo/ndsb-sbacnn.json ] || $T --arch sbacnn --epochs 5
 # Issue 17: the ZooLake model (ZooLake's training split; Community page, cross-instrument check).
 [ -f models/zoo/zoolake-bacnn.json ] || $PY -m models.train --arch bacnn --dataset zoolake --epochs 24 --threads 2 --no-progress
+grep -q '"refit"' models/zoo/zoolake-bacnn.json || $PY -m models.refit --model zoolake-bacnn --export-dir models/zoo
 # Issue 5: leave-class-out models (12 classes of data/heldout_ndsb.json held out), the baseline,
 # then the flat-logit (outlier exposure) fine-tune and, for a fair comparison, the same fine-tune without it
 # (fine-tunes keep batch-norm statistics fixed: --freeze-bn auto; without it the outlier term collapsed
