@@ -392,7 +392,8 @@ def test_committed_zoo_models_load_and_are_small(entry):
 @pytest.mark.skipif(not ZOO, reason="no committed zoo model")
 def test_evaluate_cli_json_shape():
     # a model whose manifest figures are its training run's own report (no refit, no held-out classes)
-    plain = [m for m in ZOO if not open_model(m["name"]).manifest.get("refit") and not open_model(m["name"]).manifest.get("heldout")]
+    manifests = {m["name"]: open_model(m["name"]).manifest for m in ZOO}
+    plain = [m for m in ZOO if not manifests[m["name"]].get("refit") and not manifests[m["name"]].get("heldout")]
     if not plain:
         pytest.skip("no plain trained model in the zoo")
     entry = plain[0]
