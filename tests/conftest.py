@@ -178,6 +178,14 @@ def assert_no_streamlit_errors(pg) -> None:
     assert not errors, f"browser console errors: {errors}"
 
 
+def tiny_train_command(tmp_path: Path, *args: str) -> list[str]:
+    """``python -m models.train`` on 3 images per class, writing under ``tmp_path`` (runs/, zoo/),
+    quiet and on one thread; ``args`` add the arch, epochs and other options."""
+    return [sys.executable, "-m", "models.train", "--limit-per-class", "3", "--batch-size", "64",
+            "--runs-dir", str(tmp_path / "runs"), "--export-dir", str(tmp_path / "zoo"), "--no-progress",
+            "--threads", "1", *args]
+
+
 SAMPLE_ZIP = REPO / "data" / "sample" / "ndsb_sample.zip"
 
 

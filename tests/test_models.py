@@ -20,7 +20,7 @@ from models.train import WeightEMA, augment, level_loss, loss_weights
 from models.handle import open_model
 from models.zoo import list_models
 
-from .conftest import REPO, requires_data, requires_full_data
+from .conftest import REPO, requires_data, requires_full_data, tiny_train_command
 
 ARCHS = list_architectures()
 
@@ -355,8 +355,7 @@ def test_best_path_respects_the_taxonomy_where_the_argmax_does_not(tax):
 # --- training CLI and the zoo ------------------------------------------------------------
 @requires_data
 def test_train_cli_checkpoints_and_resumes(tmp_path):
-    base = [sys.executable, "-m", "models.train", "--arch", "flat", "--limit-per-class", "3", "--batch-size", "64",
-            "--runs-dir", str(tmp_path / "runs"), "--export-dir", str(tmp_path / "zoo"), "--no-progress", "--threads", "1"]
+    base = tiny_train_command(tmp_path, "--arch", "flat")
     r1 = subprocess.run(base + ["--epochs", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = subprocess.run(base + ["--epochs", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ from models.checkpoint import load_checkpoint
 from models.data import load_dataset, subset
 from models.refit import fit_softmax, head_inputs, refit_heads
 
-from .conftest import REPO, requires_data
+from .conftest import REPO, requires_data, tiny_train_command
 
 
 def _tiny(limit: int = 4):
@@ -66,8 +66,7 @@ def test_refit_heads_changes_only_the_heads_and_lowers_the_training_loss():
 
 @requires_data
 def test_refit_cli_writes_a_loadable_checkpoint_and_refuses_what_it_cannot_refit(tmp_path):
-    train = [sys.executable, "-m", "models.train", "--limit-per-class", "3", "--batch-size", "64", "--epochs", "1",
-             "--runs-dir", str(tmp_path / "runs"), "--export-dir", str(tmp_path / "zoo"), "--no-progress", "--threads", "1"]
+    train = tiny_train_command(tmp_path, "--epochs", "1")
     r = subprocess.run(train + ["--arch", "bacnn"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     src = tmp_path / "zoo" / "ndsb-bacnn.json"
