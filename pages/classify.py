@@ -288,6 +288,13 @@ def _explain(model, mkey: str, img: PickedImage, x, pred: Prediction, manifest: 
     b.image(over, caption=heading(md_text), width="stretch")
     b.caption(":red[red] = evidence for, :blue[blue] = evidence against" if shown_signed
               else f"{cmap}: brighter = more important")
+    if not np.any(shown):  # an empty overlay needs a reason, or it reads as a broken page
+        b.info("The map is zero at every pixel: " + (
+            "no pixel moves this class's score under this method (a saturated output has zero gradients); "
+            "try another method." if shown_signed else
+            "this map keeps only evidence *for* the class, and there is none here (for Grad-CAM: no location "
+            "of the last convolutional layer raises this class's score). Turn on *Signed map* to see the "
+            "evidence against."))
     with d:
         st.markdown(_badge(faith))
         st.plotly_chart(_curve_fig(faith), width="stretch", key="curves", config={"displayModeBar": False})

@@ -356,3 +356,19 @@ def test_restarted_server_reads_explanations_from_disk(monkeypatch, tmp_path):
     assert not at.error, [e.value for e in at.error]
     assert calls == ["attribute"] * n_levels  # each tampered map recomputed once, then stored again
     assert all(store.load(p) is not None for p in entries)
+
+
+@requires_data
+def test_an_all_zero_map_says_why():
+    """Grad-CAM of the default model is zero everywhere on this shipped test image (no location of
+    the last convolutional layer raises the predicted class): the page says so instead of showing a
+    blank overlay alone, and the signed map has evidence to show."""
+    rel = "train/artifacts/102576.jpg"
+    at = _app({"image": f"ndsb:{rel}"})
+    _ok(at)
+    at.selectbox(key="method").set_value("gradcam").run()
+    _ok(at)
+    assert any("zero at every pixel" in i.value and "Signed map" in i.value for i in at.info), [i.value for i in at.info]
+    at.toggle(key="signed_gradcam").set_value(True).run()
+    _ok(at)
+    assert not any("zero at every pixel" in i.value for i in at.info)
