@@ -28,8 +28,16 @@ pytestmark = requires_data
 def collections(tmp_path, monkeypatch):
     """A user data folder with two collections: ``sample`` (the shipped NDSB sample, labelled)
     and ``cruise`` (a flat zip of its images, unlabelled)."""
-    from data.collections import add_collection
+    import shutil
 
+    from data.collections import add_collection
+    from data.paths import cache_dir
+
+    # each test scores from scratch: a table an earlier test session left in the cache (same names,
+    # same images) would be found complete, and nothing would run (a second `make test` failed so)
+    for c in (SAMPLE_C, CRUISE_C):
+        for old in (cache_dir() / "scored").glob(f"*/{c}__*"):
+            shutil.rmtree(old, ignore_errors=True)
     monkeypatch.setenv("PLANKTON_LENS_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("PLANKTON_LENS_ROOTS", os.pathsep.join([str(SAMPLE.parent), str(tmp_path)]))
     add_collection(SAMPLE_C, SAMPLE)
